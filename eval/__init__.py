@@ -1,0 +1,2 @@
+"""Evaluation: plain functions per task (``zeroshot``, ``retrieval``, ``caption``, ``vqa``), metrics and
+reports. Run through ``vlm eval <task>``."""
