@@ -7,10 +7,21 @@ mean and std that belong to the tower's weights. ``encode(pixels_uint8)`` does n
 TextTower: ``tokenizer(texts) -> {"input_ids", "attention_mask"}`` (the tokenizer that belongs to the
 weights), ``forward(input_ids, attention_mask) -> tokens [B, L, D]``, ``pool(tokens, attention_mask) -> [B, E]``,
 ``width``, ``embed_dim``, ``context_length``.
+
+Both kinds also have (with generic defaults here, overridden where a library has its own):
+``lock(unlocked_groups=0, freeze_bn_stats=False)`` (LiT: freeze all but the last N layer groups),
+``set_grad_checkpointing(enable)``, ``export_spec(out_dir, subdir) -> (spec, cfg)`` (the spec and
+build kwargs that rebuild the *architecture* without downloading or reading pretrained weights; used by
+``DualEncoder.save_pretrained``), and the ``spec`` / ``build_cfg`` they were built from.
+Layer groups (``layer_groups``) follow parameter registration order: everything before the first
+numbered block (embeddings), one group per block, and what comes after (final norm, projection).
 """
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -33,6 +44,9 @@ class ImagePreprocess:
     std: tuple[float, float, float] = OPENAI_STD
     resize_mode: Literal["shortest", "squash", "longest"] = "shortest"
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    # timm-style evaluation crop: resize the shortest side to image_size / crop_pct, then center-crop
+    # image_size. 1.0 (CLIP, SigLIP, HF processors) means resize straight to image_size.
+    crop_pct: float = 1.0
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, H, W]`` (or float in [0, 1]) -> normalised float ``[B, 3, H, W]``."""
@@ -44,7 +58,30 @@ class ImagePreprocess:
         return (x - mean) / std
 
 
-class ImageTower(nn.Module):
+class _TowerMixin:
+    """Defaults shared by image and text towers (see the module docstring)."""
+
+    spec: str | None = None  # e.g. "tiny:vit"; set by the builder
+    build_cfg: dict | None = None  # the builder kwargs (sizes, pretrained path, ...)
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """Freeze every parameter except those in the last ``unlocked_groups`` layer groups."""
+        lock_layer_groups(self, unlocked_groups, freeze_bn_stats)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        warnings.warn(f"{type(self).__name__} does not support gradient checkpointing; continuing without",
+                      stacklevel=2)
+
+    def export_spec(self, out_dir: Path, subdir: str) -> tuple[str, dict]:
+        """``(spec, cfg)`` that rebuild this tower's architecture with no pretrained weights.
+        ``out_dir / subdir`` may be used for files the architecture needs (configs, tokenizers)."""
+        if not self.spec:
+            raise ValueError(f"{type(self).__name__} has no .spec; build it through vlm.registry.build")
+        cfg = {k: v for k, v in (self.build_cfg or {}).items() if k != "pretrained"}
+        return self.spec, cfg
+
+
+class ImageTower(_TowerMixin, nn.Module):
     width: int
     embed_dim: int
     num_tokens: int
@@ -63,7 +100,7 @@ class ImageTower(nn.Module):
         return self.pool(self(pixels))
 
 
-class TextTower(nn.Module):
+class TextTower(_TowerMixin, nn.Module):
     width: int
     embed_dim: int
     context_length: int
@@ -97,3 +134,47 @@ def pool_tokens(tokens: torch.Tensor, attention_mask: torch.Tensor | None, mode:
         last = torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(1).values.clamp_min(0)
         return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
     raise ValueError(f"unknown pooling {mode!r}; choose cls, mean or last")
+
+
+_NUMBERED = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
+
+
+def layer_groups(module: nn.Module) -> list[list[str]]:
+    """Parameter names of ``module`` in layer groups, in registration order: the parameters before the
+    first numbered block (``blocks.0``, ``encoder.layer.0``...) form the first group, each numbered block
+    its own group, and the parameters after the last block the final group."""
+    groups: list[list[str]] = []
+    keys: list = []
+    seen_block = False
+    for name, _ in module.named_parameters():
+        m = _NUMBERED.match(name)
+        if m:
+            key, seen_block = (m.group(1), int(m.group(2))), True
+        else:
+            key = "after" if seen_block else "before"
+        if key in keys:
+            groups[keys.index(key)].append(name)
+        else:
+            keys.append(key)
+            groups.append([name])
+    return groups
+
+
+def lock_layer_groups(module: nn.Module, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+    """LiT-style lock: ``requires_grad=False`` for all parameters except the last ``unlocked_groups``
+    groups of :func:`layer_groups`. ``freeze_bn_stats`` turns BatchNorm layers whose parameters are all
+    frozen into timm's ``FrozenBatchNorm2d`` (running statistics stop updating)."""
+    if unlocked_groups < 0:
+        raise ValueError(f"unlocked_groups must be >= 0, got {unlocked_groups}")
+    groups = layer_groups(module)
+    keep = {n for g in (groups[len(groups) - unlocked_groups:] if unlocked_groups else []) for n in g}
+    for name, p in module.named_parameters():
+        p.requires_grad_(name in keep)
+    if freeze_bn_stats:
+        from timm.layers import freeze_batch_norm_2d
+
+        for parent in list(module.modules()):
+            for cname, child in list(parent.named_children()):
+                if isinstance(child, nn.modules.batchnorm._BatchNorm) and not any(
+                        p.requires_grad for p in child.parameters()):
+                    setattr(parent, cname, freeze_batch_norm_2d(child))

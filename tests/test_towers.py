@@ -1,0 +1,317 @@
+"""Towers: real loading paths (tiny models saved in open_clip / timm / transformers formats and loaded back
+through our specs) give exactly the libraries' own embeddings; preprocessing and tokenizers come from the
+weights; errors name the fix. The helpers here (tiny parts on disk) are shared with test_model.py and
+test_registry_contract.py."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from vlm import registry
+from vlm.registry import SpecError
+from vlm.towers.base import pool_tokens
+
+OC_ARCH = "vlm-test-tiny-vit"
+OC_CFG = {"embed_dim": 24,
+          "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+          "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+OC_RN_ARCH = "vlm-test-tiny-rn"
+OC_RN_CFG = {"embed_dim": 24, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+TIMM_NAME = "vit_tiny_patch16_224"
+TIMM_KW = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+TEXTS = ["a photo of a cat", "ein Foto einer Katze", "une photo d'un chat", "猫 的 照片"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices on 2 shared cores: extra OpenMP threads only spin
+    yield
+    torch.set_num_threads(n)
+
+
+def make_tokenizer():
+    """A small word-level tokenizer built offline, in transformers' fast-tokenizer format."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", bos_token="[CLS]", eos_token="[SEP]")
+
+
+def make_parts(root) -> dict:
+    """Tiny models saved in their libraries' formats under ``root``; returns name -> path."""
+    import open_clip
+    import timm
+    from safetensors.torch import save_file
+    from transformers import (BertConfig, BertModel, CLIPConfig, CLIPModel, MT5Config, MT5ForConditionalGeneration,
+                              SiglipConfig, SiglipModel, XLMRobertaConfig, XLMRobertaModel)
+
+    from vlm.towers.open_clip import register_arch
+
+    torch.manual_seed(0)
+    out, tok = {}, make_tokenizer()
+    text = dict(vocab_size=64, max_position_embeddings=16, **SMALL)
+    vision = dict(image_size=32, patch_size=8, **SMALL)
+    hf = {
+        "clip": CLIPModel(CLIPConfig(text_config=dict(eos_token_id=3, pad_token_id=0, bos_token_id=2, **text),
+                                     vision_config=vision, projection_dim=24)),
+        "siglip": SiglipModel(SiglipConfig(text_config=text, vision_config=vision)),
+        "xlmr": XLMRobertaModel(XLMRobertaConfig(vocab_size=64, max_position_embeddings=40, pad_token_id=0, **SMALL)),
+        "bert": BertModel(BertConfig(vocab_size=64, max_position_embeddings=40, pad_token_id=0, **SMALL)),
+        "mt5": MT5ForConditionalGeneration(MT5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                                     num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+                                                     eos_token_id=3)),
+    }
+    for name, m in hf.items():
+        d = root / name
+        m.save_pretrained(str(d))
+        tok.save_pretrained(str(d))
+        out[name] = d
+    (out["clip"] / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "size": {"shortest_edge": 32},
+         "crop_size": {"height": 32, "width": 32}, "do_center_crop": True, "resample": 3}))
+    for arch, cfg in ((OC_ARCH, OC_CFG), (OC_RN_ARCH, OC_RN_CFG)):
+        register_arch(arch, cfg)
+        m = open_clip.create_model(arch)
+        with torch.no_grad():
+            m.logit_scale.fill_(3.0)
+        sd = m.state_dict()
+        torch.save(sd, root / f"{arch}.pt")
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(root / f"{arch}.safetensors"))
+        out[arch] = root / f"{arch}.pt"
+        out[arch + ".safetensors"] = root / f"{arch}.safetensors"
+    t = timm.create_model(TIMM_NAME, **TIMM_KW)
+    save_file(t.state_dict(), str(root / "timm.safetensors"))
+    out["timm"] = root / "timm.safetensors"
+    return out
+
+
+@pytest.fixture(scope="session")
+def parts(tmp_path_factory):
+    return make_parts(tmp_path_factory.mktemp("parts"))
+
+
+# ------------------------------------------------------------------------------------------------ tiny
+def test_tiny_towers_shapes_all_scripts_and_overrides():
+    vit = registry.build("tower", "tiny:vit")
+    assert (vit.width, vit.num_tokens, vit.preprocess.image_size) == (32, 17, 32)
+    px = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert vit(vit.preprocess.normalize(px)).shape == (2, 17, 32) and vit.encode(px).shape == (2, 32)
+    txt = registry.build("tower", "tiny:text")
+    enc = txt.tokenizer(["hello", "مرحبا بالعالم", "नमस्ते दुनिया", "你好，世界", "Привет"])
+    emb = txt.encode(enc["input_ids"], enc["attention_mask"])
+    assert emb.shape == (5, 32) and torch.isfinite(emb).all()
+    assert txt.tokenizer.decode(enc["input_ids"][3]) == "你好，世界"
+    big = registry.build("tower", "tiny:vit", width=128, depth=3, image_size=64, patch_size=16)
+    assert (big.width, big.num_tokens, len(big.blocks)) == (128, 17, 3)
+    assert registry.build("tower", "tiny:text-s").width == 128
+    # padding does not change a text's embedding (key-padding mask)
+    a = txt.tokenizer(["hallo"], context_length=16)
+    b = txt.tokenizer(["hallo"], context_length=40)
+    torch.testing.assert_close(txt.encode(**a), txt.encode(**b))
+
+
+def test_tiny_pretrained_roundtrip_and_errors(tmp_path):
+    from safetensors.torch import save_model
+
+    t = registry.build("tower", "tiny:text", width=64)
+    save_model(t, str(tmp_path / "t.safetensors"))
+    t2 = registry.build("tower", "tiny:text", width=64, pretrained=str(tmp_path / "t.safetensors"))
+    ids = t.tokenizer(["x y"])
+    torch.testing.assert_close(t.encode(**ids), t2.encode(**ids))
+    with pytest.raises(SpecError, match="tiny:vit, tiny:vit-s"):
+        registry.build("tower", "tiny:vitt")
+    with pytest.raises(SpecError, match="image tower"):
+        registry.build("tower", "tiny:vit", side="text")
+    with pytest.raises(SpecError, match="Valid options"):
+        registry.build("tower", "tiny:vit", layers=3)
+    with pytest.raises(SpecError, match="does not exist"):
+        registry.build("tower", "tiny:vit", pretrained=str(tmp_path / "nope.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------ open_clip
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_open_clip_parity_vit(parts, fmt):
+    import open_clip
+
+    path = str(parts[OC_ARCH] if fmt == "pt" else parts[OC_ARCH + ".safetensors"])
+    ref = open_clip.create_model(OC_ARCH, pretrained=path).eval()
+    img = registry.build("tower", f"open_clip:{OC_ARCH}", side="image", pretrained=path).eval()
+    txt = registry.build("tower", f"open_clip:{OC_ARCH}", side="text", pretrained=path).eval()
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(img.encode(x), ref.encode_image(x), atol=1e-5, rtol=0)
+    assert img(x).shape == (3, img.num_tokens, img.width) == (3, 17, 32) and img.embed_dim == 24
+    enc = txt.tokenizer(TEXTS)
+    assert enc["input_ids"].shape == (4, 16)
+    assert enc["attention_mask"].sum(1).tolist() == (enc["input_ids"] != 0).sum(1).tolist()
+    want = ref.encode_text(enc["input_ids"])
+    torch.testing.assert_close(txt.encode(**enc), want, atol=1e-5, rtol=0)
+    # pooling from the mask alone (no ids) lands on the same EOT token
+    torch.testing.assert_close(txt.pool(txt(**enc), enc["attention_mask"]), want, atol=1e-5, rtol=0)
+    pc = open_clip.get_model_preprocess_cfg(ref)
+    assert img.preprocess.mean == tuple(pc["mean"]) and img.preprocess.image_size == 32
+    assert img.pretrained_logit_scale == pytest.approx(3.0)
+    # the two sides together are open_clip's checkpoint again (only logit_scale is not a tower weight)
+    joined = {**img.open_clip_state_dict(), **txt.open_clip_state_dict()}
+    assert set(ref.state_dict()) - set(joined) == {"logit_scale"}
+
+
+def test_open_clip_resnet_and_hf_text_parity(parts, tmp_path):
+    import open_clip
+
+    from vlm.towers.open_clip import register_arch
+
+    ref = open_clip.create_model(OC_RN_ARCH, pretrained=str(parts[OC_RN_ARCH])).eval()
+    img = registry.build("tower", f"open_clip:{OC_RN_ARCH}", side="image", pretrained=str(parts[OC_RN_ARCH])).eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(img.encode(x), ref.encode_image(x), atol=1e-5, rtol=0)
+    assert img(x).shape == (2, img.num_tokens, img.width) == (2, 4, 256)
+    # an open_clip architecture whose text tower is a (multilingual) HF encoder from a local dir
+    cfg = {"embed_dim": 24, "vision_cfg": OC_CFG["vision_cfg"],
+           "text_cfg": {"context_length": 16, "hf_model_name": str(parts["xlmr"]),
+                        "hf_tokenizer_name": str(parts["xlmr"]), "hf_pooler_type": "mean_pooler",
+                        "hf_proj_type": "linear"}}
+    register_arch("vlm-test-hf-text", cfg)
+    ref = open_clip.create_model("vlm-test-hf-text").eval()
+    torch.save(ref.state_dict(), tmp_path / "c.pt")
+    txt = registry.build("tower", "open_clip:vlm-test-hf-text", side="text", pretrained=str(tmp_path / "c.pt")).eval()
+    enc = txt.tokenizer(TEXTS)
+    want = ref.encode_text(enc["input_ids"])
+    torch.testing.assert_close(txt.encode(**enc), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(txt.pool(txt(**enc), enc["attention_mask"]), want, atol=1e-5, rtol=0)
+
+
+def test_open_clip_errors(parts, tmp_path):
+    with pytest.raises(SpecError, match="side='image' or side='text'"):
+        registry.build("tower", f"open_clip:{OC_ARCH}")
+    with pytest.raises(SpecError, match="neither a file nor one of the tags"):
+        registry.build("tower", f"open_clip:{OC_ARCH}", side="image", pretrained=str(tmp_path / "missing.pt"))
+    with pytest.raises(SpecError, match="model_cfg"):
+        registry.build("tower", "open_clip:no-such-arch", side="image")
+    with pytest.raises(SpecError, match="built-in"):
+        registry.build("tower", "open_clip:ViT-S-32", side="image", model_cfg=OC_CFG)
+
+
+# ------------------------------------------------------------------------------------------------ timm
+def test_timm_parity_and_preprocess(parts):
+    import timm
+
+    ref = timm.create_model(TIMM_NAME, pretrained=True, num_classes=0,
+                            pretrained_cfg_overlay=dict(file=str(parts["timm"])), **TIMM_KW).eval()
+    tower = registry.build("tower", f"timm:{TIMM_NAME}", pretrained=str(parts["timm"]), **TIMM_KW).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(tower.encode(x), ref.forward_head(ref.forward_features(x), pre_logits=True))
+    assert tower(x).shape == (2, tower.num_tokens, 32) and tower.num_tokens == 17
+    p = tower.preprocess
+    assert (p.image_size, p.mean, p.crop_pct) == (32, (0.5, 0.5, 0.5), 0.9)
+    # a CNN: spatial map flattened to tokens and back gives timm's pooled features
+    cnn = registry.build("tower", "timm:resnet18").eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert cnn(x).shape == (1, 4, 512)
+    torch.testing.assert_close(cnn.encode(x), cnn.trunk.forward_head(cnn.trunk.forward_features(x), pre_logits=True))
+    cnn.lock(unlocked_groups=1)
+    assert any(p.requires_grad for p in cnn.parameters()) and not cnn.trunk.conv1.weight.requires_grad
+    with pytest.raises(SpecError, match="unknown timm model"):
+        registry.build("tower", "timm:not_a_model_xyz")
+    with pytest.raises(SpecError, match="does not exist"):
+        registry.build("tower", f"timm:{TIMM_NAME}", pretrained="/nonexistent/w.safetensors", **TIMM_KW)
+    with pytest.raises(SpecError, match="image tower"):
+        registry.build("tower", f"timm:{TIMM_NAME}", side="text")
+
+
+# ------------------------------------------------------------------------------------------------ hf
+def _hf_ref(parts, name):
+    from transformers import BertModel, CLIPModel, MT5EncoderModel, SiglipModel, XLMRobertaModel
+
+    cls = {"clip": CLIPModel, "siglip": SiglipModel, "xlmr": XLMRobertaModel, "bert": BertModel,
+           "mt5": MT5EncoderModel}[name]
+    return cls.from_pretrained(str(parts[name])).eval()
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_hf_clip_siglip_parity(parts, name):
+    ref = _hf_ref(parts, name)
+    img = registry.build("tower", f"hf:{parts[name]}", side="image").eval()
+    txt = registry.build("tower", f"hf:{parts[name]}", side="text").eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(img.encode(x), ref.get_image_features(pixel_values=x).pooler_output, atol=1e-5, rtol=0)
+    assert img(x).shape == (2, img.num_tokens, 32) and img.num_tokens == (17 if name == "clip" else 16)
+    enc = txt.tokenizer(TEXTS)
+    assert enc["input_ids"].shape == (4, 16)  # padded to the text model's positions
+    kw = dict(enc) if name == "clip" else {"input_ids": enc["input_ids"]}  # SigLIP runs without a mask
+    torch.testing.assert_close(txt.encode(**enc), ref.get_text_features(**kw).pooler_output, atol=1e-5, rtol=0)
+    if name == "clip":
+        assert img.preprocess.mean == (0.5, 0.4, 0.3) and img.preprocess.resize_mode == "shortest"
+        assert img.embed_dim == txt.embed_dim == 24
+    else:
+        assert img.preprocess.mean == (0.5, 0.5, 0.5) and img.preprocess.resize_mode == "squash"
+
+
+@pytest.mark.parametrize("name,pooling", [("xlmr", "cls"), ("xlmr", "mean"), ("xlmr", "last"), ("bert", "pooler"),
+                                          ("mt5", "mean")])
+def test_hf_text_encoder_pooling(parts, name, pooling):
+    ref = _hf_ref(parts, name)
+    tower = registry.build("tower", f"hf:{parts[name]}", pooling=pooling).eval()
+    enc = tower.tokenizer(TEXTS)
+    out = ref(**enc)
+    want = out.pooler_output if pooling == "pooler" else pool_tokens(out.last_hidden_state, enc["attention_mask"],
+                                                                      pooling)
+    torch.testing.assert_close(tower.encode(**enc), want, atol=1e-5, rtol=0)
+    assert tower.embed_dim == tower.width == 32
+    if pooling != "pooler":  # an unused pooler layer is dropped (it would get no gradient)
+        assert not any("pooler" in n for n, _ in tower.named_parameters())
+
+
+def test_hf_type_comes_from_config_not_dir_name(parts, tmp_path):
+    misleading = tmp_path / "bert-base-multilingual"
+    shutil.copytree(parts["clip"], misleading)
+    t = registry.build("tower", f"hf:{misleading}", side="image")
+    assert t.family == "clip" and t.proj is not None
+    with pytest.raises(SpecError, match="side='image' or side='text'"):
+        registry.build("tower", f"hf:{misleading}")
+    with pytest.raises(SpecError, match="only the text side"):
+        registry.build("tower", f"hf:{parts['xlmr']}", side="image")
+    with pytest.raises(SpecError, match="no config.json"):
+        registry.build("tower", f"hf:{tmp_path / 'nothing'}")
+    with pytest.raises(SpecError, match="unknown pooling"):
+        registry.build("tower", f"hf:{parts['xlmr']}", pooling="max")
+    with pytest.raises(SpecError, match="no pooler"):
+        registry.build("tower", f"hf:{parts['mt5']}", pooling="pooler")
+    notok = tmp_path / "no-tokenizer"
+    notok.mkdir()
+    shutil.copy(parts["bert"] / "config.json", notok)
+    shutil.copy(parts["bert"] / "model.safetensors", notok)
+    with pytest.raises(SpecError, match="tokenizer"):
+        registry.build("tower", f"hf:{notok}")
+    t = registry.build("tower", f"hf:{notok}", tokenizer=str(parts["bert"]), context_length=8)
+    assert t.tokenizer(["a cat"])["input_ids"].shape == (1, 8)
+
+
+def test_lock_keeps_last_groups_trainable():
+    t = registry.build("tower", "tiny:text")
+    t.lock(unlocked_groups=2)  # last block + final norm
+    train = {n for n, p in t.named_parameters() if p.requires_grad}
+    assert train and all(n.startswith(("blocks.1.", "norm.")) for n in train)
+    assert {n for n in train if n.startswith("norm.")} == {"norm.weight", "norm.bias"}
+    t.lock(0)
+    assert not any(p.requires_grad for p in t.parameters())
+
+
+def test_pool_last_handles_left_and_right_padding():
+    tokens = torch.arange(2 * 4 * 1, dtype=torch.float).view(2, 4, 1)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    assert pool_tokens(tokens, right, "last").flatten().tolist() == [1.0, 7.0]
+    assert pool_tokens(tokens, left, "last").flatten().tolist() == [3.0, 7.0]
+    assert pool_tokens(tokens, right, "mean").flatten().tolist() == [0.5, 5.5]
