@@ -1,0 +1,102 @@
+"""Soft prompts (prompt tuning, Lester et al. 2021) through peft.
+
+    adapter = registry.build("adapter", "prompt_tuning", num_virtual_tokens=8)   # or "prompt_tuning:8"
+    peft_model = adapter.apply(llm.model)        # peft.get_peft_model with a PromptTuningConfig
+
+``num_virtual_tokens`` learned vectors are put in front of the (encoder) input; only they train. The save
+format is peft's (``adapter_config.json`` + ``adapter_model.safetensors``), loadable with
+``PeftModel.from_pretrained``.
+
+With ``inputs_embeds`` (the vision-LLM always passes them, since image rows are scattered into the
+embeddings): peft's ``forward`` handles them for causal and seq2seq models (it prepends the prompt to the
+given embeddings, extends the attention mask and pads labels with -100). peft's ``generate`` does *not*:
+for causal LMs it rebuilds the embeddings from ``input_ids`` in the first step and for seq2seq it demands
+``input_ids``, so the image rows would be lost. :func:`prepend_soft_prompt` does what peft's forward does
+(the same ``get_prompt`` call), and the vision-LLM's ``generate`` calls the base model's ``generate``
+with its result.
+
+Initialisation (``init``): ``"random"`` (peft's default), ``"sample_vocab"`` (random rows of the
+vocabulary embeddings), or ``"text"`` with ``init_text`` (the embeddings of that text, repeated to the
+length; peft loads the tokenizer from ``tokenizer_path``, or from the model's ``name_or_path``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vlm.adapters.lora import _check_plain, task_type_of
+from vlm.errors import UserError
+from vlm.registry import register, register_family
+
+
+@dataclass
+class PromptTuningAdapter:
+    """Prompt-tuning settings (peft ``PromptTuningConfig``)."""
+
+    num_virtual_tokens: int = 8
+    init: Literal["random", "sample_vocab", "text"] = "random"
+    init_text: str | None = None
+    tokenizer_path: str | None = None
+
+    def peft_config(self, model: nn.Module):
+        from peft import PromptTuningConfig, PromptTuningInit
+
+        if self.num_virtual_tokens < 1:
+            raise UserError(f"prompt tuning needs num_virtual_tokens >= 1, got {self.num_virtual_tokens}")
+        kw = {}
+        if self.init == "text":
+            tok_path = self.tokenizer_path or getattr(model, "name_or_path", "") or ""
+            if not self.init_text or not tok_path:
+                raise UserError("prompt_tuning init='text' needs init_text and a tokenizer directory "
+                                "(tokenizer_path, or an LLM loaded from a directory)")
+            kw = {"prompt_tuning_init_text": self.init_text, "tokenizer_name_or_path": str(tok_path)}
+        init = {"random": PromptTuningInit.RANDOM, "sample_vocab": PromptTuningInit.SAMPLE_VOCAB,
+                "text": PromptTuningInit.TEXT}
+        if self.init not in init:
+            raise UserError(f"unknown prompt tuning init {self.init!r}; choose one of {sorted(init)}")
+        return PromptTuningConfig(task_type=task_type_of(model), num_virtual_tokens=self.num_virtual_tokens,
+                                  prompt_tuning_init=init[self.init], **kw)
+
+    def apply(self, model: nn.Module):
+        """Wrap ``model`` (transformers LM) in a peft prompt-tuning model; only the prompt trains."""
+        from peft import get_peft_model
+
+        _check_plain(model)
+        return get_peft_model(model, self.peft_config(model))
+
+
+def is_prompt_learning(model: nn.Module) -> bool:
+    """True if ``model`` is a peft model whose active adapter is a prompt-learning one (soft prompt)."""
+    cfg = getattr(model, "active_peft_config", None)
+    return bool(cfg is not None and cfg.is_prompt_learning)
+
+
+def prepend_soft_prompt(peft_model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``inputs_embeds [B, L, H]``, ``attention_mask [B, L]`` -> ``[B, P + L, H]``, ``[B, P + L]`` with the
+    ``P`` learned prompt vectors in front, exactly as peft's forward does (encoder side for seq2seq)."""
+    if not is_prompt_learning(peft_model):
+        raise UserError("prepend_soft_prompt needs a peft prompt-tuning model")
+    n = peft_model.active_peft_config.num_virtual_tokens
+    B = inputs_embeds.shape[0]
+    prompts = peft_model.get_prompt(batch_size=B)[:, :n].to(inputs_embeds.dtype)
+    mask = torch.cat([attention_mask.new_ones(B, n), attention_mask], dim=1)
+    return torch.cat([prompts, inputs_embeds], dim=1), mask
+
+
+@register("adapter", "prompt_tuning", help="soft prompt (prompt tuning) through peft: num_virtual_tokens")
+def _prompt_tuning(**cfg) -> PromptTuningAdapter:
+    return PromptTuningAdapter(**cfg)
+
+
+@register_family("adapter", "prompt_tuning", examples=("prompt_tuning:8",),
+                 help="soft prompt with the number of virtual tokens in the spec")
+def _prompt_tuning_family(name: str, **cfg) -> PromptTuningAdapter:
+    if not re.fullmatch(r"\d+", name):
+        raise UserError(f"prompt tuning spec 'prompt_tuning:{name}' must be 'prompt_tuning:<num_virtual_tokens>'")
+    cfg.setdefault("num_virtual_tokens", int(name))
+    return PromptTuningAdapter(**cfg)
