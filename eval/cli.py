@@ -1,0 +1,303 @@
+"""``vlm eval``: zeroshot | retrieval | caption | vqa | compare.
+
+Each task command writes a report (``eval.report.write_report``: JSON + Markdown + PNG) into ``--out``
+under ``--name`` (default: the task, plus the mode for zero-shot) and prints the Markdown table.
+
+* ``zeroshot``: Babel-ImageNet protocol (``eval.zeroshot``). Images come from shards (``--images``,
+  read through ``vlm.data.wds.make_loader`` with the model's preprocessing) or from an ImageNet-style
+  folder (``--image-folder``, class folders mapped by ``--class-map`` JSON {folder: class id} or sorted
+  order). Labels/prompts: ``--labels``/``--prompts``, by default the ``labels.json``/``prompts.json`` next
+  to the image shards (the demo dataset writes them), else the shared Babel-ImageNet files. Text
+  embeddings are cached in ``--cache-dir`` (default ``{out}/text_cache``), keyed by a fingerprint of the
+  model files.
+* ``retrieval``: per-language image<->text Recall@1/5/10 over shards whose ``.json`` holds
+  ``captions`` {lang: [...]}; images embedded once, captions read from the ``.json`` members by key.
+* ``caption`` / ``vqa``: metrics on a predictions JSONL (rows ``{id, lang, prediction, references}`` /
+  ``{id, lang, prediction, answers}``), or ``--model DIR --shards SPEC``: a saved vision-LLM generates
+  them first (``eval.caption`` / ``eval.vqa``, written by the vision-LLM engineer), then the same metrics.
+* ``compare``: one Markdown table over several report JSONs.
+
+``--precision bf16`` runs the encoders under bf16 autocast (FINDINGS: much faster on CPUs with bf16);
+it is recorded in the report and in the text cache's model id.
+
+torch, the model and the data layer are imported inside the command functions so ``vlm --help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from vlm.errors import DataError, UserError
+
+EPILOG = """examples:
+  vlm eval zeroshot --model runs/demo/final --images demo/val/val-{000000..000000}.tar --mode translated
+  vlm eval zeroshot --model M --image-folder imagenet/val --labels ../shared/data/babel_imagenet/babel_imagenet-93.json \\
+      --prompts ../shared/data/babel_imagenet/prompts-nllb-90.json --langs de,zh,hi --mode en
+  vlm eval retrieval --model runs/demo/final --shards 'demo/val/*.tar' --langs en,de,zh
+  vlm eval caption --predictions captions.jsonl      (rows {id, lang, prediction, references: [...]})
+  vlm eval vqa --predictions answers.jsonl           (rows {id, lang, prediction, answers: [...]})
+  vlm eval caption --model runs/vllm/final --shards 'demo/val/*.tar' --langs en,de,zh --limit 100
+  vlm eval compare runs/a/eval/zeroshot-translated.json runs/b/eval/zeroshot-translated.json
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    sub = parser.add_subparsers(dest="eval_task", metavar="TASK")
+
+    def common(p, model=True):
+        if model:
+            p.add_argument("--model", required=True, help="model directory (DualEncoder.save_pretrained output)")
+            p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+            p.add_argument("--text-batch-size", type=int, default=256, help="texts per batch (default 256)")
+            p.add_argument("--workers", type=int, default=2, help="image loader workers (default 2)")
+            p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+            p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                           help="fp32, or bf16 autocast (faster on CPUs with bf16; numbers shift slightly)")
+        p.add_argument("--out", default="eval_out", help="report directory (default ./eval_out)")
+        p.add_argument("--name", default=None, help="report file name without extension")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    z = sub.add_parser("zeroshot", help="zero-shot classification, Babel-ImageNet protocol")
+    common(z)
+    src = z.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="image shards with class ids (path, glob, brace range, '::' list)")
+    src.add_argument("--image-folder", help="ImageNet-style folder: <dir>/<class folder>/<image>")
+    z.add_argument("--class-map", help="JSON {folder name: class id} for --image-folder (default: sorted order)")
+    z.add_argument("--labels", help="labels file {LANG: [class_indices, labels]} (default: labels.json beside "
+                                    "the images, else ../shared/data/babel_imagenet/babel_imagenet-93.json)")
+    z.add_argument("--prompts", help="prompts file {LANG: [templates]} (default: prompts.json beside the labels, "
+                                     "else ../shared/data/babel_imagenet/prompts-nllb-90.json)")
+    z.add_argument("--mode", choices=("label", "en", "translated"), default="translated",
+                   help="label only, English templates, or translated templates (default)")
+    z.add_argument("--langs", default="all", help="comma-separated language codes, any case (default: all)")
+    z.add_argument("--cache-dir", default=None, help="text-embedding cache (default {out}/text_cache; 'none' = off)")
+
+    r = sub.add_parser("retrieval", help="image<->text Recall@1/5/10 per language")
+    common(r)
+    r.add_argument("--shards", required=True, help="shards whose .json has captions {lang: [...]}")
+    r.add_argument("--langs", default=None, help="comma-separated languages (default: all in the data)")
+
+    for task, fields in (("caption", "{id, lang, prediction, references: [...]}"),
+                         ("vqa", "{id, lang, prediction, answers: [...]}")):
+        p = sub.add_parser(task, help=f"{task} metrics on a predictions JSONL, or generated by a vision-LLM")
+        common(p, model=False)
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--predictions", help=f"JSONL, one row per item: {fields}")
+        src.add_argument("--model", help="vision-LLM directory (VisionLLM.save_pretrained): generate, then score "
+                                         "(needs --shards)")
+        p.add_argument("--shards", help="with --model: shards with references (.json captions / question+answers)")
+        p.add_argument("--langs", default=None, help="only these languages (comma-separated)")
+        p.add_argument("--batch-size", type=int, default=16, help="with --model: generation batch size")
+        p.add_argument("--max-new-tokens", type=int, default=48 if task == "caption" else 16)
+        p.add_argument("--limit", type=int, default=None, help="with --model: only the first N images")
+        p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+    c = sub.add_parser("compare", help="one Markdown table over several report JSONs")
+    c.add_argument("reports", nargs="+", help="report .json files written by vlm eval")
+    c.add_argument("--metric", default=None, help="metric to compare (default: the primary metric)")
+    c.add_argument("--out", default=None, help="also write the table to this .md file")
+
+
+def run(args) -> int:
+    task = getattr(args, "eval_task", None)
+    if not task:
+        raise UserError("choose a task: vlm eval zeroshot|retrieval|caption|vqa|compare (see vlm eval --help)")
+    return {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "caption": run_metrics, "vqa": run_metrics,
+            "compare": run_compare}[task](args)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _langs(s):
+    if s is None or s.strip().lower() in ("", "all"):
+        return None
+    return [c for c in s.replace(",", " ").split() if c]
+
+
+def load_model(path: str, device: str = "cpu"):
+    """The model at ``path`` (``vlm.model.load_model``), in eval mode on ``device``."""
+    if not os.path.exists(path):
+        raise DataError(f"model not found: {path} (give the directory written by DualEncoder.save_pretrained, "
+                        f"e.g. runs/<name>/final)")
+    from vlm.model import load_model as _load
+
+    model = _load(path)
+    return model.to(device).eval()
+
+
+def _shard_batches(spec: str, model, args):
+    """One ordered pass over the shards through the data layer (``make_loader``): every sample once, no
+    shuffle, the last partial batch kept, strings only (no tokenising). Yields Batch dicts with pixels,
+    class_id and key; ``.skipped`` counts what could not be used."""
+    from vlm.data.decode import expand_shards
+    from vlm.data.wds import DataConfig, make_loader
+
+    n_shards = len(expand_shards(spec))
+    cfg = DataConfig(shards=spec, batch_size=args.batch_size, num_workers=max(0, min(args.workers, n_shards)),
+                     shuffle_buffer=0, shuffle_shards=False, drop_last=False, resampled=False)
+    return make_loader(cfg, model.image_preprocess, None, rank=0, world_size=1, task="contrastive")
+
+
+def _metadata(args, **extra) -> dict:
+    meta = {"command": "vlm eval " + args.eval_task}
+    meta.update({k: v for k, v in extra.items() if v is not None})
+    return meta
+
+
+def _finish(results: dict, args, name: str, meta: dict) -> int:
+    from eval.report import write_report
+
+    paths = write_report(results, args.out, args.name or name, meta)
+    with open(paths["markdown"], encoding="utf-8") as f:
+        print(f.read())
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def run_zeroshot(args) -> int:
+    from eval.babel import default_labels_path, load_labels, load_prompts, resolve_langs
+    from eval.zeroshot import (ImageFolderDataset, TextEmbeddingCache, embed_images, evaluate_zeroshot,
+                               folder_batches, make_text_encoder, model_fingerprint)
+
+    images = args.images or args.image_folder
+    labels = load_labels(default_labels_path(args.labels, images))
+    langs = resolve_langs(_langs(args.langs), labels)  # fail on unknown languages before loading anything
+    prompts = None
+    if args.mode != "label":
+        ppath = args.prompts or _default_prompts(labels.path)
+        prompts = load_prompts(ppath)
+    model = load_model(args.model, args.device)
+    bf16 = args.precision == "bf16"
+    model_id = model_fingerprint(args.model) + ("|bf16" if bf16 else "")
+    progress = not args.no_progress
+    skipped = None
+    wanted = {c for lang in langs for c in labels.classes[lang]}  # images no language scores are not embedded
+    if args.image_folder:
+        cmap = None
+        if args.class_map:
+            try:
+                with open(args.class_map, encoding="utf-8") as f:
+                    cmap = {str(k): int(v) for k, v in json.load(f).items()}
+            except (OSError, ValueError, AttributeError) as e:
+                raise DataError(f"--class-map {args.class_map}: need a JSON object {{folder: class id}} ({e})") from None
+        ds = ImageFolderDataset(args.image_folder, model.image_preprocess, cmap)
+        batches = folder_batches(ds, args.batch_size, args.workers)
+        emb, cls, _ = embed_images(model, batches, args.device, progress, total=-(-len(ds) // args.batch_size),
+                                   bf16=bf16, keep_classes=wanted)
+    else:
+        stream = _shard_batches(args.images, model, args)
+        emb, cls, _ = embed_images(model, stream, args.device, progress, bf16=bf16, keep_classes=wanted)
+        skipped = dict(getattr(stream, "skipped", {}) or {})
+    cache_dir = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or
+                                                                       os.path.join(args.out, "text_cache"))
+    cache = TextEmbeddingCache(model_id, cache_dir)
+    res = evaluate_zeroshot(emb, cls, labels, prompts, args.mode,
+                            make_text_encoder(model, args.device, args.text_batch_size, bf16),
+                            langs=langs, cache=cache, text_batch_size=args.text_batch_size, progress=progress)
+    meta = _metadata(args, model=os.path.abspath(args.model), model_id=model_id, data=os.path.abspath(images)
+                     if os.path.exists(images) else images, labels=labels.path, labels_sha256=labels.sha256,
+                     prompts=prompts.path if prompts else "label-only", prompts_sha256=prompts.sha256 if prompts
+                     else None, mode=args.mode, langs=langs, n_images=int(emb.shape[0]), skipped=skipped,
+                     precision=args.precision)
+    return _finish(res, args, f"zeroshot-{args.mode}", meta)
+
+
+def _default_prompts(labels_path: str) -> str:
+    from eval.babel import SHARED_DIR
+
+    for cand in (os.path.join(os.path.dirname(labels_path), "prompts.json"),
+                 os.path.normpath(os.path.join(SHARED_DIR, "prompts-nllb-90.json"))):
+        if os.path.isfile(cand):
+            return cand
+    raise UserError("no prompts file found: pass --prompts FILE (e.g. ../shared/data/babel_imagenet/"
+                    "prompts-nllb-90.json) or use --mode label")
+
+
+def run_retrieval(args) -> int:
+    import torch
+
+    from eval.retrieval import evaluate_retrieval, read_captions
+    from eval.zeroshot import embed_images, make_text_encoder, model_fingerprint
+
+    captions = read_captions(args.shards)
+    if not captions:
+        raise DataError(f"no captions found in the .json members of {args.shards}")
+    model = load_model(args.model, args.device)
+    stream = _shard_batches(args.shards, model, args)
+    bf16 = args.precision == "bf16"
+    emb, _, keys = embed_images(model, stream, args.device, not args.no_progress, bf16=bf16)
+    keep = [i for i, k in enumerate(keys) if k in captions]
+    seen, uniq = set(), []
+    for i in keep:  # one embedding per image even if a key repeats
+        if keys[i] not in seen:
+            seen.add(keys[i])
+            uniq.append(i)
+    if not uniq:
+        raise DataError(f"none of the {len(keys)} images read from {args.shards} has captions in its .json")
+    emb = emb[torch.tensor(uniq)]
+    caps = [captions[keys[i]] for i in uniq]
+    res = evaluate_retrieval(emb, caps, make_text_encoder(model, args.device, args.text_batch_size, bf16),
+                             langs=_langs(args.langs), text_batch_size=args.text_batch_size,
+                             progress=not args.no_progress)
+    meta = _metadata(args, model=os.path.abspath(args.model), model_id=model_fingerprint(args.model),
+                     data=args.shards, n_images=len(uniq), skipped=dict(getattr(stream, "skipped", {}) or {}),
+                     precision=args.precision)
+    return _finish(res, args, "retrieval", meta)
+
+
+def run_metrics(args) -> int:
+    from eval.metrics import caption_metrics, read_jsonl, vqa_metrics
+
+    if args.model:
+        return _generate_and_score(args)
+    field = "references" if args.eval_task == "caption" else "answers"
+    rows = read_jsonl(args.predictions, ("id", "prediction", field))
+    langs = _langs(args.langs)
+    if langs:
+        wanted = {lang.lower() for lang in langs}
+        rows = [r for r in rows if str(r.get("lang") or "en").lower() in wanted]
+        if not rows:
+            raise DataError(f"no rows in {args.predictions} for languages {', '.join(sorted(wanted))}")
+    res = caption_metrics(rows) if args.eval_task == "caption" else vqa_metrics(rows)
+    return _finish(res, args, args.eval_task, _metadata(args, data=args.predictions, n_rows=len(rows)))
+
+
+def _generate_and_score(args) -> int:
+    """``--model --shards``: generation by the vision-LLM (``eval.caption`` / ``eval.vqa``), then the same
+    metrics and report as for a predictions file (the predictions JSONL is written beside the report)."""
+    if not args.shards:
+        raise UserError(f"vlm eval {args.eval_task} --model needs --shards (the images and their references)")
+    if not os.path.exists(args.model):
+        raise DataError(f"model not found: {args.model} (give a directory written by VisionLLM.save_pretrained)")
+    from vlm.vision_llm import VisionLLM
+
+    model = VisionLLM.from_pretrained(args.model, device=args.device)
+    kw = dict(langs=_langs(args.langs), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+              limit=args.limit, device=args.device, progress=not args.no_progress)
+    meta = _metadata(args, model=os.path.abspath(args.model))
+    name = args.name or args.eval_task
+    if args.eval_task == "caption":
+        from eval.caption import evaluate_captions
+        out = evaluate_captions(model, args.shards, args.out, name=name, metadata=meta, **kw)
+    else:
+        from eval.vqa import evaluate_vqa
+        out = evaluate_vqa(model, args.shards, args.out, name=name, metadata=meta, **kw)
+    with open(out["paths"]["markdown"], encoding="utf-8") as f:
+        print(f.read())
+    print("wrote " + ", ".join(out["paths"].values()))
+    return 0
+
+
+def run_compare(args) -> int:
+    from eval.report import compare_reports
+
+    table = compare_reports(args.reports, args.metric)
+    print(table)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(table)
+    return 0
