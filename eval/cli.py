@@ -137,7 +137,7 @@ def _shard_batches(spec: str, model, args):
     n_shards = len(expand_shards(spec))
     cfg = DataConfig(shards=spec, batch_size=args.batch_size, num_workers=max(0, min(args.workers, n_shards)),
                      shuffle_buffer=0, shuffle_shards=False, drop_last=False, resampled=False)
-    return make_loader(cfg, model.image_preprocess, None, rank=0, world_size=1, task="contrastive")
+    return make_loader(cfg, model.image_preprocess, None, rank=0, world_size=1, task="image")
 
 
 def _metadata(args, **extra) -> dict:

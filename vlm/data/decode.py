@@ -488,17 +488,24 @@ def _class_id(rec: dict, meta: dict | None) -> int:
 
 def decode_record(rec: dict, *, image_size: int, resize_mode: str = "shortest", interpolation: str = "bicubic",
                   max_pixels: int = 40_000_000, jpeg_draft: bool = True, default_lang: str | None = None,
-                  notes: list[str] | None = None) -> dict:
+                  notes: list[str] | None = None, require_caption: bool = True) -> dict:
     """Raw record -> ``{"key", "url", "pixels": uint8 [3, S, S], "captions": {lang: [str]}, "class_id": int,
     "class_name": str | None}``. Text is checked before the image so broken samples cost no decode.
-    Field-level notes (captions dropped...) are appended to ``notes``. Raises :class:`SampleSkipped`."""
+    Field-level notes (captions dropped...) are appended to ``notes``. Raises :class:`SampleSkipped`.
+    ``require_caption=False`` (image-only tasks, e.g. zero-shot on classification shards) keeps samples
+    without a usable caption, with ``captions = {}``."""
     notes = notes if notes is not None else []
     img_ext = next((e for e in IMAGE_EXTS if e in rec), None)
     if img_ext is None:
         raise SampleSkipped("missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
     meta = decode_json(rec["json"]) if "json" in rec else None
     txt = decode_text(rec["txt"]) if "txt" in rec else None
-    captions = parse_captions(txt, meta, default_lang, notes)
+    try:
+        captions = parse_captions(txt, meta, default_lang, notes)
+    except SampleSkipped as e:
+        if require_caption or e.reason not in ("missing_caption", "missing_lang", "unknown_lang"):
+            raise
+        captions = {}
     class_id = _class_id(rec, meta)
     class_name = (meta or {}).get("class_name")
     pixels = decode_image(rec[img_ext], image_size, resize_mode=resize_mode, interpolation=interpolation,

@@ -34,7 +34,7 @@ from vlm.data.decode import SampleSkipped
 from vlm.data.langs import lang_name, normalize_lang
 from vlm.errors import UserError
 
-TASKS = ("contrastive", "caption")
+TASKS = ("contrastive", "caption", "image")  # image: pixels + class ids, text optional (classification shards)
 
 DEFAULT_CAPTION_PROMPTS: dict[str, list[str]] = {
     "*": [
@@ -176,6 +176,12 @@ class PromptStage:
         self.seed = seed
 
     def __call__(self, sample: dict, epoch: int) -> dict:
+        if self.task == "image":  # no text needed; keep what there is for reference
+            out = {k: v for k, v in sample.items() if k != "captions"}
+            caps = sample["captions"]
+            lang = next(iter(caps), "")
+            out.update(lang=lang, text=caps[lang][0] if lang else "", answers=list(caps.get(lang, [])))
+            return out
         rng = sample_rng(self.seed, epoch, sample["key"], sample.get("url", ""))
         lang = self.picker.pick(sample["captions"].keys(), rng)
         if lang is None:

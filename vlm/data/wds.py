@@ -165,7 +165,7 @@ class _Plan:
         self.default_lang = {u: dl for urls, _, dl in sources for u in urls}
         self.decode_kw = dict(image_size=int(preprocess.image_size), resize_mode=preprocess.resize_mode,
                               interpolation=preprocess.interpolation, max_pixels=cfg.max_pixels,
-                              jpeg_draft=cfg.jpeg_draft)
+                              jpeg_draft=cfg.jpeg_draft, require_caption=task != "image")
 
     def worker_batches(self, num_workers: int) -> Optional[int]:
         """Batches per worker per epoch when the epoch length is fixed (resampled or capped), else None."""
@@ -432,8 +432,8 @@ def make_loader(cfg: DataConfig, preprocess, tokenizer=None, *, rank: Optional[i
     preprocess: :class:`vlm.towers.base.ImagePreprocess` (size and resize mode of the image tower);
     tokenizer: ``list[str] -> {"input_ids": [B, L], "attention_mask": [B, L]}`` or None (strings only);
     rank/world_size: default from torch.distributed when initialised, else 0/1; start_sample: raw records
-    already consumed (one worker) or a :meth:`DataStream.state_dict`; task: ``"contrastive"`` or
-    ``"caption"``; templates: contrastive templates, or for ``caption`` the instruction prompts
+    already consumed (one worker) or a :meth:`DataStream.state_dict`; task: ``"contrastive"``,
+    ``"caption"`` or ``"image"`` (pixels + class ids; samples without captions are kept); templates: contrastive templates, or for ``caption`` the instruction prompts
     (default: ``cfg.templates`` / ``cfg.prompts``). Configuration mistakes raise here, not in a worker."""
     if rank is None or world_size is None:
         d_rank, d_world = _dist_rank_world()
