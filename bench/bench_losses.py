@@ -1,0 +1,273 @@
+"""Loss-module benchmark: time and peak memory of forward+backward for each contrastive loss, against
+open_clip's ClipLoss / SigLipLoss on the same inputs, at several global batches and world sizes.
+
+    python bench/bench_losses.py                                   # batch 256/1024/4096, world 1 and 2
+    python bench/bench_losses.py --batches 8192 --worlds 2 --repeats 3 --dim 768
+
+Setup: random L2-normalised float32 features ``[B/W, E]`` per rank (E = --dim, 512), ``logit_scale`` and
+``logit_bias`` as leaf tensors requiring grad. World 1 runs in this process; world
+W > 1 spawns W gloo processes on 127.0.0.1; each rank uses --threads-per-rank threads (default 1: the
+machine is shared, and oversubscribed OpenMP threads make timings meaningless). Rows:
+
+    clip          ours ClipLoss(local_loss=False, gather_with_grad=True)  vs open_clip's same flags
+    clip_local    ours ClipLoss(local_loss=True,  gather_with_grad=True)  vs open_clip's same flags (opt-in)
+    siglip_gather ours SigLipLoss(dist_impl="gather")                     vs open_clip dist_impl="gather"
+    siglip_ring   ours SigLipLoss(dist_impl="ring")                       vs open_clip dist_impl="bidir"
+    decoupled     ours DecoupledSoftmaxLoss, --captions texts per image   (no peer: open_clip has none)
+    grouped       ours GroupedClipLoss(group_size=--group-size, default 1) vs open_clip's full gather
+                  (local_loss=True, gather_with_grad=True): the saving of gathering within groups
+
+Time: the best of --repeats timed forward+backward calls (after one untimed, profiled call), each call's
+time being the slowest rank's. Best-of-n because the 2-core machine is shared with other jobs.
+Memory ("peak MiB"): torch's CPU allocator has no peak counter and tracemalloc does not see it, so one
+forward+backward runs under ``torch.profiler.profile(profile_memory=True)``; its allocation/free events
+(``[memory]``, +bytes / -bytes) are replayed in time order and the peak of the running sum is reported:
+the most bytes the loss held at once beyond what was live before the call (logits blocks, softmax or
+sigmoid temporaries, gathered features, feature gradients). Rank 0's figure. "logits MiB" is the
+analytic float32 size of the logits one rank forms in that mode if materialised at once (b x N, N x N...).
+
+The machine is shared (2 cores, other jobs): timings are noisy; compare the ratios within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+LOSSES = ("clip", "clip_local", "siglip_gather", "siglip_ring", "decoupled", "grouped")
+DEFAULT_LOSSES = ("clip", "siglip_gather", "siglip_ring", "decoupled", "grouped")
+# In one process these compute exactly what another row does (no exchange, one group): skipped at W=1
+# unless asked for with --losses.
+SAME_AT_W1 = {"clip_local": "clip", "siglip_ring": "siglip_gather", "grouped": "clip"}
+
+
+def open_clip_loss():
+    """open_clip's loss.py on its own (its package __init__ imports timm and transformers)."""
+    import importlib.util
+
+    if "_open_clip_loss" not in sys.modules:
+        origin = importlib.util.find_spec("open_clip").origin
+        spec = importlib.util.spec_from_file_location("_open_clip_loss",
+                                                      os.path.join(os.path.dirname(origin), "loss.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules["_open_clip_loss"] = mod
+    return sys.modules["_open_clip_loss"]
+
+
+def make_losses(name, rank, world, b, args):
+    """(ours, peer or None, logits elements one rank forms, texts per image) for local batch b."""
+    from vlm.losses import ClipLoss, DecoupledSoftmaxLoss, GroupedClipLoss, SigLipLoss
+
+    oc = open_clip_loss()
+    kw = {} if args.block_elems is None else {"block_elems": None if args.block_elems <= 0 else args.block_elems}
+    dist_kw = dict(rank=rank, world_size=world)
+    n = b * world
+    if name == "clip":
+        return ClipLoss(gather_with_grad=True, **kw), oc.ClipLoss(gather_with_grad=True, **dist_kw), n * n, 1
+    if name == "clip_local":
+        return (ClipLoss(local_loss=True, gather_with_grad=True, **kw),
+                oc.ClipLoss(local_loss=True, gather_with_grad=True, **dist_kw), 2 * b * n, 1)
+    if name == "siglip_gather":
+        return SigLipLoss(dist_impl="gather", **kw), oc.SigLipLoss(dist_impl="gather", **dist_kw), b * n, 1
+    if name == "siglip_ring":
+        return SigLipLoss(dist_impl="ring", **kw), oc.SigLipLoss(dist_impl="bidir", **dist_kw), b * n, 1
+    if name == "decoupled":
+        return DecoupledSoftmaxLoss(**kw), None, n * b * args.captions, args.captions
+    if name == "grouped":
+        g = min(args.group_size, world)
+        return (GroupedClipLoss(group_size=g, **kw),
+                oc.ClipLoss(local_loss=True, gather_with_grad=True, **dist_kw), 2 * b * g * b, 1)
+    raise ValueError(name)
+
+
+def peak_bytes(fn) -> int:
+    """Peak of live bytes allocated during ``fn()`` (profiler allocation events, replayed in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = prof.profiler.kineto_results.events()
+        mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except AttributeError:  # older/newer profiler layout: per-op attribution, an upper bound
+        mem = [(e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]"]
+    cur = peak = 0
+    for _, nbytes in mem:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def _slowest(x: float, world: int) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def measure(loss, inputs, world, repeats, kwargs, peer: bool):
+    img, txt, scale, bias = inputs
+
+    def clear():  # outside the measured region: freeing old gradients is not the loss's work
+        for t in (img, txt, scale, bias):
+            if t is not None:
+                t.grad = None
+
+    def step():
+        out = loss(img, txt, scale, bias, **kwargs)
+        (out if peer else out["contrastive_loss"]).backward()
+
+    clear()
+    _barrier(world)
+    mem = peak_bytes(step)  # also the untimed warm-up call
+    times = []
+    for _ in range(repeats):
+        clear()
+        _barrier(world)
+        t0 = time.perf_counter()
+        step()
+        times.append(_slowest(time.perf_counter() - t0, world))
+    return min(times), mem  # best of n: the least disturbed by the other jobs on the machine
+
+
+def run_world(rank, world, args):
+    """All rows for one world size; returns a list of dicts (meaningful on rank 0)."""
+    rows = []
+    for batch in args.batches:
+        if batch % world:
+            continue
+        b = batch // world
+        for name in args.losses:
+            if world == 1 and name in SAME_AT_W1 and not args.losses_given:
+                continue
+            ours, peer, n_logits, captions = make_losses(name, rank, world, b, args)
+            g = torch.Generator().manual_seed(1000 * rank + batch)
+            img = F.normalize(torch.randn(b, args.dim, generator=g), dim=-1).requires_grad_()
+            txt = F.normalize(torch.randn(b * captions, args.dim, generator=g), dim=-1).requires_grad_()
+            scale = torch.tensor(10.0, requires_grad=True)
+            bias = torch.tensor(-10.0, requires_grad=True)
+            kwargs = {"text_to_image": torch.arange(b).repeat(captions)} if name == "decoupled" else {}
+            t_ours, m_ours = measure(ours, (img, txt, scale, bias), world, args.repeats, kwargs, False)
+            gathered = ours.comm.all_gather + ours.comm.p2p
+            row = {"world": world, "batch": batch, "loss": name, "ours_s": t_ours, "ours_mib": m_ours / 2**20,
+                   "logits_mib": n_logits * 4 / 2**20, "comm_elems": gathered,
+                   "peer_s": None, "peer_mib": None}
+            if peer is not None:
+                if name.startswith("siglip"):
+                    inputs = (img, txt, scale, bias)
+                else:  # open_clip's ClipLoss with a bias adds it to both logit matrices; keep it None
+                    inputs = (img, txt, scale, None)
+                row["peer_s"], peer_mem = measure(peer, inputs, world, args.repeats, {}, True)
+                row["peer_mib"] = peer_mem / 2**20
+            rows.append(row)
+            if rank == 0 and args.verbose:
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def _quiet() -> None:
+    # open_clip calls torch.distributed.nn.all_gather, deprecated in this torch: one warning per call site
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
+
+
+def _worker(rank, world, port, args, out_path):
+    _quiet()
+    torch.set_num_threads(args.threads_per_rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        rows = run_world(rank, world, args)
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(rows, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fmt(x, width: int, prec: int = 1, suffix: str = "") -> str:
+    return ("-" if x is None else f"{x:.{prec}f}{suffix}").rjust(width)
+
+
+def print_table(rows) -> None:
+    head = (f"{'W':>2} {'batch':>6} {'loss':<14} {'ours ms':>9} {'open_clip ms':>12} {'speedup':>8} "
+            f"{'ours MiB':>9} {'open_clip MiB':>13} {'mem ratio':>9} {'logits MiB':>10} {'comm elems':>11}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        sp = r["peer_s"] / r["ours_s"] if r["peer_s"] else None
+        mr = r["peer_mib"] / r["ours_mib"] if r["peer_mib"] and r["ours_mib"] else None
+        print(f"{r['world']:>2} {r['batch']:>6} {r['loss']:<14} {fmt(r['ours_s'] * 1e3, 9)} "
+              f"{fmt(r['peer_s'] and r['peer_s'] * 1e3, 12)} {fmt(sp, 8, 2, 'x')} "
+              f"{fmt(r['ours_mib'], 9)} {fmt(r['peer_mib'], 13)} {fmt(mr, 9, 2, 'x')} "
+              f"{fmt(r['logits_mib'], 10)} {r['comm_elems']:>11}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096], help="global batch sizes")
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="world sizes (gloo processes)")
+    p.add_argument("--losses", nargs="+", default=None, choices=LOSSES,
+                   help=f"default: {' '.join(DEFAULT_LOSSES)} (clip_local is the full-gather twin of grouped)")
+    p.add_argument("--dim", type=int, default=512, help="embedding dim E")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (best of n)")
+    p.add_argument("--captions", type=int, default=2, help="texts per image for the decoupled loss")
+    p.add_argument("--group-size", type=int, default=1, help="GroupedClipLoss group size (capped at W)")
+    p.add_argument("--block-elems", type=int, default=None,
+                   help="fused kernels' logits per block (default: vlm.losses.kernels.DEFAULT_BLOCK_ELEMS; "
+                        "<= 0: one block)")
+    p.add_argument("--threads-per-rank", type=int, default=1,
+                   help="torch threads per rank (1: the 2-core machine is shared; raise it on a quiet box)")
+    p.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    args = p.parse_args(argv)
+    args.losses_given = args.losses is not None
+    args.losses = args.losses or list(DEFAULT_LOSSES)
+    _quiet()
+
+    rows = []
+    for world in args.worlds:
+        if world == 1:
+            torch.set_num_threads(args.threads_per_rank)
+            rows += run_world(0, 1, args)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "rows.json")
+            mp.start_processes(_worker, args=(world, _port(), args, out), nprocs=world, start_method="spawn")
+            with open(out) as f:
+                rows += json.load(f)
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, {args.threads_per_rank} thread(s) per rank, "
+          f"E={args.dim}, repeats={args.repeats}; "
+          "time = best of n fwd+bwd (slowest rank); speedup and mem ratio = open_clip / ours; at W=1 "
+          f"{', '.join(sorted(SAME_AT_W1))} equal {', '.join(SAME_AT_W1[k] for k in sorted(SAME_AT_W1))} "
+          "and are not repeated")
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
