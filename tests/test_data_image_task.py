@@ -38,3 +38,25 @@ def test_image_task_keeps_uncaptioned_samples(tmp_path):
     stream = make_loader(cfg, ImagePreprocess(image_size=8), None, rank=0, world_size=1, task="contrastive")
     assert sum(len(b["key"]) for b in stream) == 0
     assert stream.skipped.get("missing_caption") == 7  # text is checked before the image is decoded
+
+
+def test_several_captions_per_image(tmp_path):
+    """captions_per_image=k: k positives per image, distinct languages first; text_to_image maps rows."""
+    from vlm.tokenizers import ByteTokenizer
+
+    caps = {"en": ["a red circle"], "de": ["ein roter Kreis"], "zh": ["红色的圆"], "hi": ["लाल वृत्त", "लाल गोला"]}
+    with wds.TarWriter(str(tmp_path / "m-000.tar")) as w:
+        for i in range(5):
+            w.write({"__key__": f"k{i}", "jpg": _jpg(i), "json": __import__("json").dumps({"captions": caps}).encode()})
+        w.write({"__key__": "few", "jpg": _jpg(9), "json": b'{"captions": {"en": ["only one"]}}'})
+    cfg = DataConfig(shards=str(tmp_path / "m-000.tar"), batch_size=5, num_workers=0, shuffle_buffer=0,
+                     shuffle_shards=False, drop_last=False, captions_per_image=3)
+    stream = make_loader(cfg, ImagePreprocess(image_size=8), ByteTokenizer(32), rank=0, world_size=1)
+    (b,) = list(stream)
+    assert b["pixels"].shape[0] == 5 and b["input_ids"].shape[0] == 15 and len(b["text"]) == 15
+    assert b["text_to_image"].tolist() == [i for i in range(5) for _ in range(3)]
+    for i in range(5):
+        langs = b["text_lang"][3 * i: 3 * i + 3]
+        assert len(set(langs)) == 3  # four languages available: three distinct ones are used
+        assert all(t in caps[c] for t, c in zip(b["text"][3 * i: 3 * i + 3], langs))
+    assert stream.skipped.get("too_few_captions") == 1

@@ -26,6 +26,9 @@ class Batch(TypedDict, total=False):
     prompt:          list[str] (B)        instruction/question part (vision-LLM tasks)
     target:          list[str] (B)        answer/caption part (vision-LLM tasks)
     answers:         list[list[str]] (B)  all reference answers/captions (evaluation)
+    text_to_image:   int64  [T]           only with data.captions_per_image = k > 1: the image row of each
+                                          text; then text/input_ids/attention_mask have T = B*k rows
+    text_lang:       list[str] (T)        language of each text (with text_to_image)
     skipped:         dict[str, int]       cumulative skipped-sample counts by reason, of the worker that
                                           made this batch (aggregate with ``vlm.data.wds.SkipStats``)
     worker:          str                  "rank{r}/worker{w}" of the producing worker
@@ -43,6 +46,8 @@ class Batch(TypedDict, total=False):
     prompt: list
     target: list
     answers: list
+    text_to_image: torch.Tensor
+    text_lang: list
     skipped: dict
     worker: str
 

@@ -109,6 +109,11 @@ def collate(samples: list[dict], tokenizer=None, task: str = "contrastive",
         "class_id": torch.tensor([s.get("class_id", -1) for s in samples], dtype=torch.long),
         "answers": [s.get("answers", [s["text"]]) for s in samples],
     }
+    if "texts" in samples[0]:  # several positives per image: T = sum of texts; input_ids get T rows
+        batch["text"] = [t for s in samples for t in s["texts"]]
+        batch["text_lang"] = [c for s in samples for c in s["text_langs"]]
+        batch["text_to_image"] = torch.tensor([i for i, s in enumerate(samples) for _ in s["texts"]],
+                                              dtype=torch.long)
     if task == "caption":
         batch["prompt"] = [s["prompt"] for s in samples]
         batch["target"] = [s["target"] for s in samples]

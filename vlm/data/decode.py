@@ -74,7 +74,7 @@ PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 
 SAMPLE_REASONS = ("corrupt_image", "truncated_image", "image_too_large", "missing_image", "missing_caption",
                   "bad_utf8", "bad_json", "bad_label", "unknown_lang", "missing_lang", "lang_filtered",
-                  "partial_batch_dropped")
+                  "partial_batch_dropped", "too_few_captions")
 SHARD_REASONS = ("truncated_tar", "shard_open_error", "empty_shard")
 MEMBER_REASONS = ("unsafe_member_ignored", "compressed_member_ignored", "member_too_large_ignored",
                   "duplicate_member_ignored", "unknown_lang_caption_ignored", "missing_lang_caption_ignored")

@@ -162,7 +162,8 @@ class PromptStage:
 
     def __init__(self, task: str = "contrastive", picker: LangPicker | None = None,
                  templates: Mapping[str, Sequence[str]] | Templates | None = None,
-                 prompts: Mapping[str, Sequence[str]] | Templates | None = None, seed: int = 0):
+                 prompts: Mapping[str, Sequence[str]] | Templates | None = None, seed: int = 0,
+                 captions_per_image: int = 1):
         if task not in TASKS:
             raise UserError(f"unknown data task {task!r}; choose one of {', '.join(TASKS)}")
         self.task = task
@@ -174,6 +175,39 @@ class PromptStage:
         else:
             self.prompts = None
         self.seed = seed
+        if captions_per_image < 1 or (captions_per_image > 1 and task != "contrastive"):
+            raise UserError(f"captions_per_image={captions_per_image}: must be >= 1, and > 1 only for the "
+                            "contrastive task (several positives per image, e.g. for loss.name=decoupled)")
+        self.captions_per_image = captions_per_image
+
+    def _more_positives(self, captions: Mapping[str, list[str]], lang: str, caption: str, text: str,
+                        rng: random.Random) -> tuple[list[str], list[str]]:
+        """``captions_per_image`` positives: the first pick, then further languages drawn by weight
+        without replacement, then further captions of already used languages. Too few -> skipped."""
+        chosen, langs = [text], [lang]
+        used = {(lang, caption)}
+        remaining = {c for c in captions if c != lang}
+        while len(chosen) < self.captions_per_image and remaining:
+            nxt = self.picker.pick(remaining, rng)
+            if nxt is None:
+                break
+            remaining.discard(nxt)
+            cap = captions[nxt][rng.randrange(len(captions[nxt]))]
+            used.add((nxt, cap))
+            rendered = self.templates.render(nxt, cap, rng) if self.templates else None
+            chosen.append(cap if rendered is None else rendered)
+            langs.append(nxt)
+        extra = sorted((c, t) for c, caps in captions.items() if self.picker.weight(c) > 0 for t in caps
+                       if (c, t) not in used)
+        rng.shuffle(extra)
+        for c, t in extra[: self.captions_per_image - len(chosen)]:
+            rendered = self.templates.render(c, t, rng) if self.templates else None
+            chosen.append(t if rendered is None else rendered)
+            langs.append(c)
+        if len(chosen) < self.captions_per_image:
+            raise SampleSkipped("too_few_captions", f"{len(chosen)} usable caption(s), data.captions_per_image="
+                                                    f"{self.captions_per_image}")
+        return chosen, langs
 
     def __call__(self, sample: dict, epoch: int) -> dict:
         if self.task == "image":  # no text needed; keep what there is for reference
@@ -195,6 +229,9 @@ class PromptStage:
         if self.task == "contrastive":
             rendered = self.templates.render(lang, caption, rng) if self.templates else None
             out["text"] = caption if rendered is None else rendered
+            if self.captions_per_image > 1:
+                out["texts"], out["text_langs"] = self._more_positives(sample["captions"], lang, caption,
+                                                                       out["text"], rng)
         else:
             prompt = self.prompts.render(lang, "", rng) or ""
             out["prompt"], out["target"] = prompt, caption

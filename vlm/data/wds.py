@@ -111,6 +111,7 @@ class DataConfig:
     templates: Optional[dict[str, list[str]]] = None
     prompts: Optional[dict[str, list[str]]] = None
     max_text_length: Optional[int] = None
+    captions_per_image: int = 1  # > 1: that many positives per image (languages first), for loss.name=decoupled
     max_pixels: int = 40_000_000
     max_member_bytes: int = 32 << 20
     jpeg_draft: bool = True
@@ -466,6 +467,6 @@ def make_loader(cfg: DataConfig, preprocess, tokenizer=None, *, rank: Optional[i
                             else cfg.prompts, seed=cfg.seed)
     else:
         stage = PromptStage(task, picker, templates=templates if templates is not None else cfg.templates,
-                            seed=cfg.seed)
+                            seed=cfg.seed, captions_per_image=cfg.captions_per_image if task == "contrastive" else 1)
     plan = _Plan(cfg, sources, preprocess, tokenizer, task, stage, rank, world_size)
     return DataStream(plan, epoch=epoch, start_sample=start_sample)
