@@ -133,8 +133,8 @@ def _unit_polygon(shape: str) -> np.ndarray | None:
     return None
 
 
-def draw_shape(shape: str, size: int, rng: np.random.Generator, colour: tuple[int, int, int]) -> "Image.Image":
-    """One RGB image ``size x size`` of ``shape`` filled with ``colour`` (all geometry from ``rng``)."""
+def draw_shape(shape: str, size: int, rng: np.random.Generator, colour: tuple[int, int, int]):
+    """One RGB ``PIL.Image`` ``size x size`` of ``shape`` filled with ``colour`` (all geometry from ``rng``)."""
     from PIL import Image, ImageDraw
 
     S = 2 * size  # rasterise at 2x, box-downsample: anti-aliased edges
@@ -282,8 +282,8 @@ def build_demo(out_dir: str | os.PathLike, *, train: int = 3000, val: int = 500,
                     "skipped_reasons": {}, "skipped": []}
         write_json_atomic(sdir / "manifest.json", manifest)
         splits[split] = {"dir": split, "num_samples": n, "shards": [s["name"] for s in w.shards]}
-    labels_path = write_json_atomic(out / "labels.json", demo_labels(langs))
-    prompts_path = write_json_atomic(out / "prompts.json", demo_prompts(langs))
+    write_json_atomic(out / "labels.json", demo_labels(langs))
+    write_json_atomic(out / "prompts.json", demo_prompts(langs))
     top = {"format": "vlm-demo/1", "vlm_version": __version__, "config": config, "splits": splits,
            "languages": langs, "scripts": {x: script_of(x) for x in langs}, "classes": list(t["classes"]),
            "colours": list(t["colours"]), "labels_file": "labels.json", "prompts_file": "prompts.json"}

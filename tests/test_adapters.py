@@ -10,14 +10,6 @@ from vlm.adapters.soft_prompt import PromptTuningAdapter, is_prompt_learning, pr
 from vlm.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is many times faster than two under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _llm(family):
     return registry.build("llm", f"tiny:{family}")

@@ -9,14 +9,6 @@ from vlm.errors import UserError
 from vlm.llms.hf import IMAGE_TOKEN, LLMLoadError, LanguageModel
 from vlm.llms.tiny import TINY_FAMILIES
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is many times faster than two under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 MULTI = "Ein Hund läuft. 一只狗在跑。 कुत्ता दौड़ता है। Собака бежит. كلب يجري"
 

@@ -17,13 +17,6 @@ from vlm.model import DualEncoder, DualEncoderConfig, load_model
 from vlm.towers.open_clip import register_arch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):

@@ -13,14 +13,6 @@ from vlm.projectors.moe import MoEProjector
 IN, OUT, B, N, T = 32, 24, 3, 5, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: with the 2 cores shared, OpenMP threads spin-waiting on each other cost 10-100x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SPECS = {
     "linear": {}, "mlp2x_gelu": {}, "mlp3x_silu": {}, "mlp:4x_relu": {},
     "qformer:q4-l2-h32-a4": {"hidden_dropout_prob": 0.0},

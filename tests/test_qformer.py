@@ -18,14 +18,6 @@ QF = dict(hidden_size=H, num_hidden_layers=3, num_attention_heads=4, intermediat
           cross_attention_frequency=2, vocab_size=VOCAB, max_position_embeddings=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: with the 2 cores shared, OpenMP threads spin-waiting on each other cost 10-100x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _ours(text_input=False, out_dim=LLM, **kw):
     return QFormerProjector(QFormerConfig(num_query_tokens=Q, text_input=text_input, **{**QF, **kw}), out_dim)

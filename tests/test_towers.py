@@ -27,13 +27,6 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 TEXTS = ["a photo of a cat", "ein Foto einer Katze", "une photo d'un chat", "猫 的 照片"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on 2 shared cores: extra OpenMP threads only spin
-    yield
-    torch.set_num_threads(n)
-
 
 def make_tokenizer():
     """A small word-level tokenizer built offline, in transformers' fast-tokenizer format."""

@@ -15,14 +15,6 @@ from vlm.towers.base import ImagePreprocess
 from vlm.vision_llm import VisionLLM, VisionLLMConfig, make_prompt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is many times faster than two under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class _PatchTower(nn.Module):
     """Stand-in image tower (conv patchify), used only when the registry has no ``tiny:vit`` yet."""

@@ -264,7 +264,7 @@ class _DecoupledStats(torch.autograd.Function):
     def backward(ctx, g_row, g_col, g_pos):
         a, t, scale, bias, pr, pc, row_lse, col_lse = ctx.saved_tensors
         s, c = _sc(a, scale, bias if ctx.has_bias else None)
-        m, n, rows = a.shape[0], t.shape[0], ctx.rows
+        m, rows = a.shape[0], ctx.rows
         g_row = torch.zeros_like(row_lse) if g_row is None else g_row.to(s.dtype)
         g_col = torch.zeros_like(col_lse) if g_col is None else g_col.to(s.dtype)
         g_pos = torch.zeros(pr.shape[0], dtype=s.dtype, device=a.device) if g_pos is None else g_pos.to(s.dtype)
