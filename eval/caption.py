@@ -21,19 +21,25 @@ word segmentation for zh/ja/th) and ``eval.report.write_report`` (JSON / Markdow
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 from vlm.errors import DataError
 
-__all__ = ["caption_records", "generate_captions", "evaluate_captions"]
+__all__ = ["caption_records", "evaluate_captions", "generate_captions"]
 
 
 def caption_records(shards, preprocess, stats, default_lang: str | None = None) -> Iterator[dict]:
     """Every usable sample of ``shards`` in order: ``{key, pixels uint8 [3,S,S], captions {lang: [str]}}``.
     Skipped records are counted in ``stats`` (``vlm.data.decode.SkipStats``) by reason."""
-    from vlm.data.decode import SampleSkipped, decode_record, expand_shards, open_shard, tar_records
+    from vlm.data.decode import (
+        SampleSkipped,
+        decode_record,
+        expand_shards,
+        open_shard,
+        tar_records,
+    )
 
     for url in expand_shards(shards):
         try:

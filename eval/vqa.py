@@ -30,13 +30,13 @@ import json
 import os
 import random
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 from vlm.errors import DataError
 
-__all__ = ["parse_vqa", "vqa_records", "VQAStream", "generate_vqa", "evaluate_vqa", "majority_answer"]
+__all__ = ["VQAStream", "evaluate_vqa", "generate_vqa", "majority_answer", "parse_vqa", "vqa_records"]
 
 
 def parse_vqa(meta: dict | None, default_lang: str = "en") -> dict[str, tuple[str, list[str]]]:

@@ -9,6 +9,7 @@ import torch
 
 from eval.caption import evaluate_captions, generate_captions
 from eval.vqa import VQAStream, evaluate_vqa, majority_answer, parse_vqa
+from vlm.adapters.lora import LoraAdapter
 from vlm.data.decode import SampleSkipped
 from vlm.data.wds import DataConfig
 from vlm.vision_llm import VisionLLM, VisionLLMConfig
@@ -27,7 +28,7 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
-    m = VisionLLM(VisionLLMConfig(llm_cfg={"hidden_size": 32, "num_layers": 1}, lora={"r": 2}))
+    m = VisionLLM(VisionLLMConfig(llm_cfg={"hidden_size": 32, "num_layers": 1}, lora=LoraAdapter(r=2)))
     return m.save_pretrained(tmp_path_factory.mktemp("vllm") / "model")
 
 
