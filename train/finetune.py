@@ -99,7 +99,7 @@ class FinetuneConfig:
     init_tower: Optional[str] = None  # a DualEncoder directory (vlm train pretrain's run_dir/final): its image
     # tower's weights initialise model.tower, which must have the same spec and sizes (e.g. the demo's tiny:vit)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.1, warmup_steps=100))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(run_dir="runs/finetune", precision="bf16"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(run_dir="runs/finetune", precision="auto"))
     eval_every: int = 0  # validation loss every N steps when val_data is set (0: only at the end)
     val_batches: int = 10
 

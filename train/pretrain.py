@@ -108,6 +108,19 @@ def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.T
             batch["attention_mask"].to(device, non_blocking=nb))
 
 
+def _loss_kw(batches: list[dict], device: torch.device) -> dict:
+    """Extra loss inputs: ``text_to_image`` [T] when the data gives several captions per image
+    (``data.captions_per_image > 1``, for ``loss.name: decoupled``), offset per micro-batch so it indexes
+    the concatenated image rows."""
+    if "text_to_image" not in batches[0]:
+        return {}
+    parts, offset = [], 0
+    for b in batches:
+        parts.append(b["text_to_image"].to(device) + offset)
+        offset += b["pixels"].shape[0]
+    return {"text_to_image": torch.cat(parts)}
+
+
 def _total(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     parts = [v for k, v in losses.items() if k.endswith("_loss")]
     if not parts:
@@ -141,7 +154,7 @@ def contrastive_step(train_model, loss_fn, micro_batches: list[dict], *, env, pr
         pixels, ids, mask = _to_device(micro_batches[0], dev)
         with autocast(precision, dev):
             out = train_model(pixels, ids, mask)
-        losses = loss_fn(*_loss_inputs(out))
+        losses = loss_fn(*_loss_inputs(out), **_loss_kw(micro_batches, dev))
         total = _total(losses)
         total.backward()
         return {**{k: float(v.detach()) for k, v in losses.items()}, "loss": float(total.detach())}
@@ -162,11 +175,10 @@ def contrastive_step(train_model, loss_fn, micro_batches: list[dict], *, env, pr
     ft = torch.cat(txt).requires_grad_(True)
     s = scale.detach().requires_grad_(True)
     b = bias.detach().requires_grad_(True) if bias is not None else None
-    losses = loss_fn(fi, ft, s, b)
+    losses = loss_fn(fi, ft, s, b, **_loss_kw(micro_batches, dev))
     total = _total(losses)
     total.backward()
-    sizes = [x.shape[0] for x in img]
-    gi, gt = fi.grad.split(sizes), ft.grad.split(sizes)
+    gi, gt = fi.grad.split([x.shape[0] for x in img]), ft.grad.split([x.shape[0] for x in txt])
     k = len(inputs)
     g_s = s.grad / k if s.grad is not None else None
     g_b = b.grad / k if b is not None and b.grad is not None else None
@@ -198,7 +210,7 @@ def validation_loss(train_model, loss_fn, stream, *, env, precision: str, max_ba
         pixels, ids, mask = _to_device(batch, env.device)
         with autocast(precision, env.device):
             out = train_model(pixels, ids, mask)
-        tot += float(_total(loss_fn(*_loss_inputs(out))))
+        tot += float(_total(loss_fn(*_loss_inputs(out), **_loss_kw([batch], env.device))))
         n += 1
     vals = all_gather_object((tot, n), env)
     t, c = sum(v[0] for v in vals), sum(v[1] for v in vals)
@@ -221,6 +233,9 @@ def run(cfg: PretrainConfig) -> dict:
     """Train according to ``cfg``; returns a summary (steps, first/last loss, paths)."""
     if cfg.train.debug:
         cfg = debug_config(cfg)
+    if cfg.data.captions_per_image > 1 and cfg.loss.name != "decoupled":
+        raise UserError(f"data.captions_per_image={cfg.data.captions_per_image} gives several positives per image: "
+                        f"use loss.name=decoupled (loss.name={cfg.loss.name} needs one caption per image)")
     if cfg.optim.accum_steps < 1:
         raise UserError(f"optim.accum_steps must be >= 1, got {cfg.optim.accum_steps}")
     env = init_distributed(cfg.train.dist, cfg.train.device)

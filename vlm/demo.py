@@ -8,7 +8,10 @@
 3. **Evaluate**: zero-shot classification in every demo language (Babel-ImageNet protocol, translated
    prompts: ``OUT/data/labels.json`` + ``prompts.json`` are in the benchmark's own format) and per-language
    image<->text retrieval on the held-out split, through the same code as ``vlm eval``.
-4. **Report**: JSON + Markdown + PNG per evaluation in ``OUT/report``; the tables are printed at the end
+4. **Vision-LLM**: ``vlm.demo_vlm.run_vlm_demo`` fine-tunes a tiny vision-LLM (the image tower just
+   pretrained, an MLP projector, a tiny multilingual Llama with LoRA) to caption in every demo language, and
+   scores captioning chrF per language next to an image-blind baseline (same model and steps, grey images).
+5. **Report**: JSON + Markdown + PNG per evaluation in ``OUT/report``; the tables are printed at the end
    with the folder's path.
 
 ``--quick`` shrinks everything (few steps, small data) for CI and smoke tests; accuracy is then near
@@ -37,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (CI): few steps, little data")
     parser.add_argument("--fresh", action="store_true", help="ignore an earlier run in OUT and train anew")
+    parser.add_argument("--vlm-steps", type=int, default=None, help="vision-LLM fine-tuning steps (default: its config's)")
+    parser.add_argument("--skip-vlm", action="store_true", help="stop after the dual encoder's evaluation")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides of the pretraining config, e.g. optim.lr=5e-4")
@@ -59,7 +64,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     n_train, n_val = (200, 100) if args.quick else (args.train_images, args.val_images)
-    print(f"[1/3] demo data -> {out / 'data'}", flush=True)
+    print(f"[1/4] demo data -> {out / 'data'}", flush=True)
     demo = build_demo(out / "data", train=n_train, val=n_val, reuse=True, train_shards=4 if args.quick else 6)
 
     run_dir = out / "run"
@@ -76,7 +81,7 @@ def run(args) -> int:
     if args.no_progress:
         overrides.append("train.progress=false")
     cfg = load_config(PretrainConfig, demo_config_path(), overrides + list(args.overrides))
-    print(f"[2/3] pretraining a dual encoder ({cfg.model.image_tower} + {cfg.model.text_tower}, "
+    print(f"[2/4] pretraining a dual encoder ({cfg.model.image_tower} + {cfg.model.text_tower}, "
           f"{cfg.train.steps} steps) -> {run_dir}", flush=True)
     summary = pretrain(cfg)
     if not summary.get("final_dir"):  # stopped early (train.stop_after): nothing to evaluate
@@ -84,7 +89,7 @@ def run(args) -> int:
     model_dir = Path(summary["final_dir"])
 
     report_dir = out / "report"
-    print(f"[3/3] evaluating {model_dir} on the held-out split -> {report_dir}", flush=True)
+    print(f"[3/4] evaluating {model_dir} on the held-out split -> {report_dir}", flush=True)
     common = ["--model", str(model_dir), "--out", str(report_dir), "--workers", "0", "--batch-size", "100"]
     if args.no_progress:
         common.append("--no-progress")
@@ -93,10 +98,22 @@ def run(args) -> int:
     rc = rc or vlm_main(["eval", "retrieval", *common, "--shards", demo.val_spec])
     if rc:
         return rc
+    vlm_summary = None
+    if not args.skip_vlm:
+        from vlm.demo_vlm import run_vlm_demo
+
+        print(f"[4/4] fine-tuning a tiny vision-LLM with LoRA to caption in {len(demo.languages)} languages "
+              f"(and an image-blind baseline) -> {out / 'vlm_run'}", flush=True)
+        vlm_summary = run_vlm_demo(demo, out, quick=args.quick, steps=args.vlm_steps, workers=args.workers,
+                                   no_progress=args.no_progress, tower_from=model_dir)
+        md = Path(vlm_summary["report"]["markdown"])
+        print(md.read_text(encoding="utf-8"))
     zs = json.loads((report_dir / "zeroshot-translated.json").read_text(encoding="utf-8"))
     summary_path = out / "summary.json"
     summary_path.write_text(json.dumps({"train": {k: v for k, v in summary.items() if _plain(v)},
-                                        "zeroshot": zs.get("summary", {}), "seconds": round(time.time() - t0, 1),
+                                        "zeroshot": zs.get("summary", {}),
+                                        "vlm": {k: v for k, v in (vlm_summary or {}).items() if _plain(v)},
+                                        "seconds": round(time.time() - t0, 1),
                                         "quick": bool(args.quick)}, indent=2, ensure_ascii=False),
                             encoding="utf-8")
     print(f"\nvlm demo finished in {time.time() - t0:.0f} s. Reports (JSON, Markdown, PNG): {report_dir}")

@@ -28,7 +28,7 @@ KINDS = ("tower", "projector", "llm", "adapter")
 # Modules that register families on import. A module whose optional dependency is missing is skipped
 # (its specs then show up as unknown, with the import error in the message).
 _FAMILY_MODULES = {
-    "tower": ["vlm.towers.tiny", "vlm.towers.open_clip", "vlm.towers.timm", "vlm.towers.hf",
+    "tower": ["vlm.towers.tiny", "vlm.towers.ngram", "vlm.towers.open_clip", "vlm.towers.timm", "vlm.towers.hf",
               "vlm.towers.dual_codebook"],
     "projector": ["vlm.projectors.mlp", "vlm.projectors.qformer", "vlm.projectors.moe"],
     "llm": ["vlm.llms.tiny", "vlm.llms.hf"],
