@@ -24,6 +24,7 @@ def _tower_cases():
     return {
         "tiny:": {"vit": lambda p: ("tiny:vit", {}), "vit-s": lambda p: ("tiny:vit-s", {"depth": 2}),
                   "text": lambda p: ("tiny:text", {}), "text-cls": lambda p: ("tiny:text", {"pool": "cls"})},
+        "ngram:": {"text": lambda p: ("ngram:text", {"width": 32, "buckets": 4096})},
         "open_clip:": {"vit-image": oc("image"), "text": oc("text"), "rn-image": oc("image", OC_RN_ARCH, OC_RN_CFG)},
         "timm:": {"vit": lambda p: (f"timm:{TIMM_NAME}", dict(pretrained=str(p["timm"]), **TIMM_KW))},
         "hf:": {"clip-image": hf("clip", side="image"), "clip-text": hf("clip", side="text"),

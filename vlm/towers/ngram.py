@@ -84,6 +84,17 @@ class NgramText(TextTower):
         with torch.no_grad():
             self.token_embed.weight[0].zero_()
 
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """LiT-style lock over two layer groups: the n-gram embeddings, then the pooling MLP."""
+        groups = [[self.token_embed], [self.norm, self.fc1, self.fc2]]
+        keep = groups[len(groups) - unlocked_groups:] if unlocked_groups > 0 else []
+        for mods in groups:
+            for m in mods:
+                m.requires_grad_(any(m is k for g in keep for k in g))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        pass  # one embedding lookup and a 2-layer MLP: nothing worth recomputing
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.dtype != torch.long or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be int64 [B, L], got {input_ids.dtype} {tuple(input_ids.shape)}")
