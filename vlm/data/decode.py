@@ -106,7 +106,8 @@ class SkipStats:
         self.counts[reason] += n
         if reason not in self._logged:
             self._logged.add(reason)
-            log.warning("data %s: skipped/ignored (%s) key=%s shard=%s %s (further ones only counted)",
+            # a dropped partial batch is the epoch's end, not a data problem: counted, logged quietly
+            (log.info if reason == "partial_batch_dropped" else log.warning)("data %s: skipped/ignored (%s) key=%s shard=%s %s (further ones only counted)",
                         self.where, reason, key, url, detail)
 
     def as_dict(self) -> dict[str, int]:
