@@ -414,6 +414,19 @@ def lr_multiplier(step: int, warmup: int, total: int, schedule: str, min_ratio: 
     raise UserError(f"optim.schedule={schedule!r}: choose cosine, linear or constant")
 
 
+def total_steps(cfg, env) -> int:
+    """Optimizer steps of a recipe config (``cfg.train``, ``cfg.data``, ``cfg.optim``): ``train.steps``, or
+    ``train.epochs`` x ``data.epoch_samples`` (all ranks) / (batch x accumulation x world size)."""
+    if cfg.train.steps and cfg.train.steps > 0:
+        return cfg.train.steps
+    n = cfg.data.epoch_samples if cfg.data is not None else None
+    if cfg.train.epochs > 0 and n:
+        per_step = cfg.data.batch_size * cfg.optim.accum_steps * env.world_size
+        return max(1, cfg.train.epochs * n // per_step)
+    raise UserError("set train.steps, or train.epochs together with data.epoch_samples (samples per epoch, "
+                    "all ranks)")
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     def fn(step: int) -> float:
         return lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr_ratio)

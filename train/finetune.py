@@ -75,6 +75,7 @@ from train.common import (
     save_training_state,
     seed_everything,
     set_threads,
+    total_steps,
     wrap_model,
 )
 from vlm.data.mixing import MixConfig
@@ -281,15 +282,6 @@ def validation_loss(train_model, model, cfg: FinetuneConfig, env) -> float:
 
 
 # --------------------------------------------------------------------------------------------------- run
-def total_steps(cfg: FinetuneConfig, env) -> int:
-    if cfg.train.steps and cfg.train.steps > 0:
-        return cfg.train.steps
-    n = cfg.data.epoch_samples if cfg.data is not None else None
-    if cfg.train.epochs > 0 and n:
-        return max(1, cfg.train.epochs * n // (cfg.data.batch_size * cfg.optim.accum_steps * env.world_size))
-    raise UserError("set train.steps, or train.epochs together with data.epoch_samples")
-
-
 def run(cfg: FinetuneConfig) -> dict:
     """Fine-tune according to ``cfg``; returns a summary (step, first/last loss, val loss, paths)."""
     if cfg.train.debug:

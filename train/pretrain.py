@@ -48,7 +48,7 @@ from train.common import (NonFiniteGuard, OptimConfig, RunLogger, TrainConfig, a
                           autocast, barrier, broadcast_object, build_optimizer, build_scheduler, clip_grads,
                           cleanup_distributed, gather_model_state, init_distributed, load_training_state,
                           no_sync, save_run_info, save_training_state, seed_everything, set_threads,
-                          resolve_precision, sync_replicated_grads)
+                          resolve_precision, sync_replicated_grads, total_steps)
 from vlm.data.wds import DataConfig, make_loader
 from vlm.errors import UserError
 from vlm.model import DualEncoder, DualEncoderConfig
@@ -218,17 +218,6 @@ def validation_loss(train_model, loss_fn, stream, *, env, precision: str, max_ba
 
 
 # ------------------------------------------------------------------------------------------------- run
-def total_steps(cfg: PretrainConfig, env) -> int:
-    if cfg.train.steps and cfg.train.steps > 0:
-        return cfg.train.steps
-    n = cfg.data.epoch_samples
-    if cfg.train.epochs > 0 and n:
-        per_step = cfg.data.batch_size * cfg.optim.accum_steps * env.world_size
-        return max(1, cfg.train.epochs * n // per_step)
-    raise UserError("set train.steps, or train.epochs together with data.epoch_samples (samples per epoch, "
-                    "all ranks)")
-
-
 def run(cfg: PretrainConfig) -> dict:
     """Train according to ``cfg``; returns a summary (steps, first/last loss, paths)."""
     if cfg.train.debug:
