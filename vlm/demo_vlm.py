@@ -7,7 +7,7 @@ next to an image-blind baseline.
 
 What it does (about 3 minutes on 2 cores; ``quick``: seconds):
 
-1. Fine-tunes ``train/configs/finetune_demo.yaml`` (frozen tiny ViT, MLP projector, tiny Llama with LoRA)
+1. Fine-tunes ``train/configs/finetune_demo.yaml`` (frozen tower, 1-layer Q-Former projector, tiny Llama + LoRA)
    on the demo train split, through the same ``train.finetune.run`` as ``vlm train``, into
    ``OUT/vlm_run`` (a killed demo resumes from its last checkpoint). The tower starts from the image tower
    of the dual encoder that ``vlm demo`` pretrained just before (``OUT/run/final``) when it is there: a
