@@ -234,6 +234,13 @@ def all_gather_object(obj: Any, env: DistEnv) -> list:
     return out
 
 
+def global_mean(total: float, count: int, env: "DistEnv") -> float:
+    """``sum(total) / sum(count)`` over all ranks (NaN when nothing was counted), e.g. a validation loss."""
+    vals = all_gather_object((total, count), env)
+    t, c = sum(v[0] for v in vals), sum(v[1] for v in vals)
+    return t / c if c else float("nan")
+
+
 def broadcast_object(obj: Any, env: DistEnv) -> Any:
     if not env.distributed:
         return obj

@@ -68,6 +68,7 @@ from train.common import (
     cleanup_distributed,
     clip_grads,
     gather_model_state,
+    global_mean,
     init_distributed,
     load_training_state,
     no_sync,
@@ -276,9 +277,7 @@ def validation_loss(train_model, model, cfg: FinetuneConfig, env) -> float:
         tot += float(out["lm/loss_sum"])
         n += int(out["lm/n_tokens"])
     train_model.train()
-    vals = all_gather_object((tot, n), env)
-    t, c = sum(v[0] for v in vals), sum(v[1] for v in vals)
-    return t / c if c else float("nan")
+    return global_mean(tot, n, env)
 
 
 # --------------------------------------------------------------------------------------------------- run

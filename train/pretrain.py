@@ -48,7 +48,7 @@ from train.common import (NonFiniteGuard, OptimConfig, RunLogger, TrainConfig, a
                           autocast, barrier, broadcast_object, build_optimizer, build_scheduler, clip_grads,
                           cleanup_distributed, gather_model_state, init_distributed, load_training_state,
                           no_sync, save_run_info, save_training_state, seed_everything, set_threads,
-                          resolve_precision, sync_replicated_grads, total_steps)
+                          resolve_precision, sync_replicated_grads, total_steps, global_mean)
 from vlm.data.wds import DataConfig, make_loader
 from vlm.errors import UserError
 from vlm.model import DualEncoder, DualEncoderConfig
@@ -212,9 +212,7 @@ def validation_loss(train_model, loss_fn, stream, *, env, precision: str, max_ba
             out = train_model(pixels, ids, mask)
         tot += float(_total(loss_fn(*_loss_inputs(out), **_loss_kw([batch], env.device))))
         n += 1
-    vals = all_gather_object((tot, n), env)
-    t, c = sum(v[0] for v in vals), sum(v[1] for v in vals)
-    return t / c if c else float("nan")
+    return global_mean(tot, n, env)
 
 
 # ------------------------------------------------------------------------------------------------- run
