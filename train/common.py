@@ -241,6 +241,24 @@ def global_mean(total: float, count: int, env: "DistEnv") -> float:
     return t / c if c else float("nan")
 
 
+def resolve_resume_on_all_ranks(resume: str | None, ckpt_root, env: "DistEnv") -> str | None:
+    """``vlm.checkpoint.resolve_resume`` on rank 0 only (one process validates the checkpoints); every rank
+    gets its answer, or raises the same UserError."""
+    from vlm.checkpoint import resolve_resume
+
+    found: tuple = (None, None)
+    if env.is_main:
+        try:
+            path = resolve_resume(resume, ckpt_root)
+            found = (str(path) if path else None, None)
+        except UserError as e:
+            found = (None, str(e))
+    path, err = broadcast_object(found, env)
+    if err:
+        raise UserError(err)
+    return path
+
+
 def broadcast_object(obj: Any, env: DistEnv) -> Any:
     if not env.distributed:
         return obj

@@ -63,12 +63,12 @@ from train.common import (
     any_rank,
     autocast,
     barrier,
-    broadcast_object,
     build_scheduler,
     cleanup_distributed,
     clip_grads,
     gather_model_state,
     global_mean,
+    resolve_resume_on_all_ranks,
     init_distributed,
     load_training_state,
     no_sync,
@@ -336,7 +336,7 @@ class _Streams:
 def _train(cfg: FinetuneConfig, env) -> dict:
     import yaml
 
-    from vlm.checkpoint import clean_stale, resolve_resume
+    from vlm.checkpoint import clean_stale
     from vlm.config import to_dict
 
     set_threads(cfg.train.threads)
@@ -348,16 +348,7 @@ def _train(cfg: FinetuneConfig, env) -> dict:
         clean_stale(ckpt_root)
         save_run_info(run_dir, cfg)
     barrier(env)
-    found: tuple = (None, None)
-    if env.is_main:
-        try:
-            p = resolve_resume(cfg.train.resume, ckpt_root)
-            found = (str(p) if p else None, None)
-        except UserError as e:
-            found = (None, str(e))
-    resume, err = broadcast_object(found, env)
-    if err:
-        raise UserError(err)
+    resume = resolve_resume_on_all_ranks(cfg.train.resume, ckpt_root, env)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
     seed_everything(cfg.train.seed)  # the same initial weights on every rank

@@ -45,10 +45,11 @@ from typing import Any, Literal, Optional
 import torch
 
 from train.common import (NonFiniteGuard, OptimConfig, RunLogger, TrainConfig, all_gather_object, any_rank,
-                          autocast, barrier, broadcast_object, build_optimizer, build_scheduler, clip_grads,
+                          autocast, barrier, build_optimizer, build_scheduler, clip_grads,
                           cleanup_distributed, gather_model_state, init_distributed, load_training_state,
                           no_sync, save_run_info, save_training_state, seed_everything, set_threads,
-                          resolve_precision, sync_replicated_grads, total_steps, global_mean)
+                          resolve_precision, sync_replicated_grads, total_steps, global_mean,
+                          resolve_resume_on_all_ranks)
 from vlm.data.wds import DataConfig, make_loader
 from vlm.errors import UserError
 from vlm.model import DualEncoder, DualEncoderConfig
@@ -235,7 +236,7 @@ def run(cfg: PretrainConfig) -> dict:
 
 
 def _train(cfg: PretrainConfig, env) -> dict:
-    from vlm.checkpoint import clean_stale, resolve_resume
+    from vlm.checkpoint import clean_stale
     from vlm.config import to_dict
     from vlm.losses import build_loss
 
@@ -248,16 +249,7 @@ def _train(cfg: PretrainConfig, env) -> dict:
         clean_stale(ckpt_root)
         save_run_info(run_dir, cfg)
     barrier(env)
-    found: tuple = (None, None)
-    if env.is_main:  # one process validates; the others get the answer (or the error) from it
-        try:
-            p = resolve_resume(cfg.train.resume, ckpt_root)
-            found = (str(p) if p else None, None)
-        except UserError as e:
-            found = (None, str(e))
-    resume, err = broadcast_object(found, env)
-    if err:
-        raise UserError(err)
+    resume = resolve_resume_on_all_ranks(cfg.train.resume, ckpt_root, env)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
     seed_everything(cfg.train.seed)  # same init on every rank
