@@ -48,6 +48,47 @@ def test_tiny_tokenizer_covers_all_scripts_and_specials():
     assert t5("x")["input_ids"][-1] == t5.eos_token_id  # T5 style: </s> last
 
 
+def test_tiny_tokenizer_learns_merges_from_a_corpus(tmp_path):
+    from vlm.llms.tiny import build_tiny_llm, build_tiny_tokenizer
+
+    corpus = ["a red circle.", "a blue square.", "ein roter Kreis.", "赤い円。", "वृत्त लाल है।"] * 20
+    byte = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer(corpus=corpus, vocab_size=400)
+    assert len(tok(corpus[0], add_special_tokens=False)["input_ids"]) < len(byte(corpus[0], add_special_tokens=False)["input_ids"])
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<s>", "</s>", "<unk>"]
+    ids = tok(MULTI, add_special_tokens=False)["input_ids"]  # text it never saw still encodes, byte by byte
+    assert tok.unk_token_id not in ids and tok.decode(ids) == MULTI
+    assert build_tiny_tokenizer(corpus=corpus, vocab_size=400).get_vocab() == tok.get_vocab()  # deterministic
+    with pytest.raises(UserError, match="vocab_size"):
+        build_tiny_tokenizer(corpus=corpus, vocab_size=100)
+    # a tiny LLM on that tokenizer saves and loads through the real hf: path with the same tokenizer
+    llm = build_tiny_llm("llama", tokenizer=tok)
+    assert llm.base_model.get_input_embeddings().weight.shape[0] >= len(tok)
+    llm.save_pretrained(tmp_path / "llm")
+    back = registry.build("llm", f"hf:{tmp_path / 'llm'}")
+    assert back.tokenizer.get_vocab() == tok.get_vocab()
+    assert back.tokenizer(corpus[2])["input_ids"] == tok(corpus[2])["input_ids"]
+    with pytest.raises(UserError, match="<s>"):  # a tokenizer whose specials sit elsewhere is refused
+        from transformers import AutoTokenizer
+
+        build_tiny_llm("llama", tokenizer=_shifted_tokenizer(tmp_path, AutoTokenizer))
+
+
+def _shifted_tokenizer(tmp_path, auto):
+    """A tokenizer with <s> and </s> swapped: ids the tiny configs do not expect."""
+    from vlm.llms.tiny import build_tiny_tokenizer
+
+    d = tmp_path / "shifted"
+    build_tiny_tokenizer().save_pretrained(d)
+    t = json.loads((d / "tokenizer.json").read_text())
+    for a in t["added_tokens"]:
+        a["id"] = {1: 2, 2: 1}.get(a["id"], a["id"])
+    v = t["model"]["vocab"]
+    v["<s>"], v["</s>"] = v["</s>"], v["<s>"]
+    (d / "tokenizer.json").write_text(json.dumps(t))
+    return auto.from_pretrained(d)
+
+
 @pytest.mark.parametrize("family", ["llama", "mt5"])
 def test_save_then_load_through_hf_dir(tmp_path, family):
     llm = registry.build("llm", f"tiny:{family}")

@@ -19,7 +19,7 @@ Options (all specs): ``hidden_size`` (32), ``num_layers`` (2), ``num_heads`` (4)
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -37,19 +37,41 @@ def _all_lang_codes() -> list[str]:
     return sorted(LANGUAGES)
 
 
-def build_tiny_tokenizer(langs: list[str] | None = None, add_bos: bool = True, add_eos: bool = False):
+def build_tiny_tokenizer(langs: list[str] | None = None, add_bos: bool = True, add_eos: bool = False,
+                         corpus: Iterable[str] | None = None, vocab_size: int = 2048):
     """Byte-level BPE tokenizer with pad/bos/eos/unk, ``<image>`` and ``<2xx>`` language tokens.
 
     ``add_bos``/``add_eos``: what ``tok(text)`` adds around a sequence (causal LMs: bos; T5-style: eos).
-    Returns a ``transformers.PreTrainedTokenizerFast``.
+    ``corpus``: texts to learn BPE merges from (``tokenizers``' ``BpeTrainer``, up to ``vocab_size`` entries
+    before the added tokens), as any LLM's tokenizer is trained on its corpus; without it there are no
+    merges (one token per UTF-8 byte). Either way all 256 bytes are in the vocabulary, so every script
+    still encodes. Returns a ``transformers.PreTrainedTokenizerFast``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate([*SPECIALS, *alphabet])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if corpus is None:
+        vocab = {t: i for i, t in enumerate([*SPECIALS, *alphabet])}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        tok.pre_tokenizer = pre
+    else:
+        if vocab_size < len(SPECIALS) + len(alphabet):
+            raise UserError(f"vocab_size {vocab_size} is below the {len(SPECIALS) + len(alphabet)} entries every "
+                             "byte-level tokenizer needs (4 specials + 256 bytes)")
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                      initial_alphabet=alphabet, show_progress=False)
+        tok.train_from_iterator(corpus, trainer=trainer)
     tok.decoder = decoders.ByteLevel()
     single = " ".join((["<s>"] if add_bos else []) + ["$A"] + (["</s>"] if add_eos else []))
     pair = " ".join((["<s>"] if add_bos else []) + ["$A", "$B"] + (["</s>"] if add_eos else []))
@@ -112,15 +134,24 @@ TINY_FAMILIES: dict[str, tuple[Callable, bool]] = {  # name -> (model factory, i
 
 
 def build_tiny_llm(family: str, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4, seed: int = 0,
-                   dtype: str | torch.dtype | None = None, langs: list[str] | None = None) -> LanguageModel:
-    """Random-init ``family`` LM (see :data:`TINY_FAMILIES`) with the tiny tokenizer -> ``LanguageModel``."""
+                   dtype: str | torch.dtype | None = None, langs: list[str] | None = None,
+                   tokenizer=None) -> LanguageModel:
+    """Random-init ``family`` LM (see :data:`TINY_FAMILIES`) with the tiny tokenizer -> ``LanguageModel``.
+
+    ``tokenizer``: one from :func:`build_tiny_tokenizer` (e.g. with BPE merges learned from a corpus) to use
+    instead of the merge-free byte tokenizer; its ``add_bos``/``add_eos`` must suit the family."""
     if family not in TINY_FAMILIES:
         raise UserError(f"unknown tiny LLM family {family!r}; choose one of "
                          f"{', '.join('tiny:' + f for f in TINY_FAMILIES)}")
     if hidden_size % num_heads:
         raise UserError(f"tiny:{family}: hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
     factory, seq2seq = TINY_FAMILIES[family]
-    tok = build_tiny_tokenizer(langs, add_bos=not seq2seq, add_eos=seq2seq)
+    tok = tokenizer if tokenizer is not None else build_tiny_tokenizer(langs, add_bos=not seq2seq, add_eos=seq2seq)
+    for name, want in (("<pad>", PAD_ID), ("<s>", BOS_ID), ("</s>", EOS_ID), (IMAGE_TOKEN, None)):
+        got = tok.convert_tokens_to_ids(name)
+        if got is None or got == tok.unk_token_id and name != "<unk>" or (want is not None and got != want):
+            raise UserError(f"tiny:{family}: the tokenizer must have {name}" + (f" at id {want}" if want is not None
+                            else "") + "; build it with vlm.llms.tiny.build_tiny_tokenizer")
     vocab = len(tok)
     vocab += (-vocab) % 8  # round up, like real checkpoints (rows past len(tok) are never produced by it)
     with torch.random.fork_rng(devices=[]):
