@@ -14,7 +14,7 @@ IN, OUT, B, N, T = 32, 24, 3, 5, 6
 
 
 SPECS = {
-    "linear": {}, "mlp2x_gelu": {}, "mlp3x_silu": {}, "mlp:4x_relu": {},
+    "linear": {}, "mlp2x_gelu": {}, "mlp3x_silu": {}, "mlp:4x_relu": {}, "mlp:2x_silu": {"ln_vision": True},
     "qformer:q4-l2-h32-a4": {"hidden_dropout_prob": 0.0},
     "qformer:q3-l3-h32-a2-x2-i48": {"text_input": True},
     "moe:e4": {}, "moe:e4-top2": {}, "moe:e3-top1-i16": {"query": "mean"},
@@ -72,6 +72,19 @@ def test_frozen_parts_get_no_gradient(spec, frozen):
 def test_freeze_unknown_prefix_lists_parts():
     with pytest.raises(ValueError, match="top-level parts"):
         freeze_parameters(MLPProjector(IN, OUT), ["mlp"])
+
+
+def test_mlp_ln_vision_normalises_the_tokens_first():
+    torch.manual_seed(0)
+    proj = registry.build("projector", "mlp2x_gelu", in_dim=IN, out_dim=OUT, ln_vision=True)
+    assert [n for n, _ in proj.named_parameters() if n.startswith("ln_vision")] == ["ln_vision.weight", "ln_vision.bias"]
+    x = torch.randn(B, N, IN)
+    # a large shared offset and scale (a CNN feature map) change nothing after the LayerNorm ...
+    out, _ = proj(x)
+    torch.testing.assert_close(proj(x * 50 + 30)[0], out, atol=1e-4, rtol=1e-4)
+    # ... but do without it
+    plain = registry.build("projector", "mlp2x_gelu", in_dim=IN, out_dim=OUT)
+    assert not torch.allclose(plain(x * 50 + 30)[0], plain(x)[0], atol=1e-2)
 
 
 def test_mlp_shapes_and_names():

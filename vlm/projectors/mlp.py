@@ -20,7 +20,10 @@ Specs registered here:
     mlp3x_gelu          three linears, GELU between them
     mlp:<depth>x_<act>  any depth >= 1, act in gelu | relu | silu, e.g. ``mlp:4x_silu``
 
-Hidden width is ``out_dim`` as in LLaVA. ``frozen=("0",)`` style freezing is generic: every builder
+Hidden width is ``out_dim`` as in LLaVA. ``ln_vision=True`` puts a LayerNorm over the tower's tokens
+before the first linear (BLIP-2 does the same before its Q-Former): towers whose tokens have a large norm
+and a large shared mean (a CNN's last feature map: norm ~84 measured on the demo's ResNet) otherwise need a
+far smaller learning rate. Its parameters are ``ln_vision.weight``/``ln_vision.bias``. ``frozen=("0",)`` style freezing is generic: every builder
 here and in the other projector files accepts ``frozen`` (a tuple of parameter-name prefixes whose
 parameters get ``requires_grad=False``), so "which parts train" stays data (a config entry).
 """
@@ -61,12 +64,14 @@ def freeze_parameters(module: nn.Module, prefixes: Iterable[str]) -> list[str]:
 
 
 class MLPProjector(nn.Module):
-    """``depth`` linears with ``act`` between them; hidden width = ``out_dim`` (LLaVA).
+    """``depth`` linears with ``act`` between them; hidden width = ``out_dim`` (LLaVA); ``ln_vision``: a
+    LayerNorm over the input tokens first.
 
     forward(image_tokens [B, N, in_dim], **ctx) -> ([B, N, out_dim], {}). depth 1 is ``linear``.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, depth: int = 2, act: str = "gelu", bias: bool = True):
+    def __init__(self, in_dim: int, out_dim: int, depth: int = 2, act: str = "gelu", bias: bool = True,
+                 ln_vision: bool = False):
         super().__init__()
         if depth < 1:
             raise ValueError(f"MLP projector depth must be >= 1, got {depth}")
@@ -77,6 +82,7 @@ class MLPProjector(nn.Module):
         for _ in range(depth - 1):
             layers += [_ACTS[act](), nn.Linear(self.out_dim, self.out_dim, bias=bias)]
         self.net = nn.Sequential(*layers)
+        self.ln_vision = nn.LayerNorm(self.in_dim) if ln_vision else None
 
     def num_output_tokens(self, n: int) -> int:
         return n
@@ -84,6 +90,8 @@ class MLPProjector(nn.Module):
     def forward(self, image_tokens: torch.Tensor, **ctx) -> tuple[torch.Tensor, dict]:
         """image_tokens [B, N, in_dim] -> ([B, N, out_dim], {})."""
         _check_tokens(image_tokens, self.in_dim, type(self).__name__)
+        if self.ln_vision is not None:
+            image_tokens = self.ln_vision(image_tokens)
         return self.net(image_tokens), {}
 
 
