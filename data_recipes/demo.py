@@ -40,12 +40,14 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from data_recipes.build import ShardSetWriter, prepare_out_dir, write_json_atomic
+from vlm.errors import UserError
 
 TEXT_FILE = Path(__file__).with_name("demo_langs.yaml")
 # Palette of the eight named colours (same order as ``colours`` in demo_langs.yaml).
@@ -101,6 +103,37 @@ def render_caption(lang: str, label: int, colour: int, template: int) -> str:
     t = demo_texts()["languages"][lang]
     a_names = t.get("a_names", t["names"])
     return t["captions"][template].format(name=t["names"][label], a_name=a_names[label], colour=t["colours"][colour])
+
+
+def all_captions(langs: list[str] | None = None) -> list[str]:
+    """Every caption the demo can write in ``langs`` (default: all): each class x colour x template."""
+    t = demo_texts()
+    return [render_caption(lang, label, colour, k) for lang in (langs or demo_languages())
+            for label in range(len(t["classes"])) for colour in range(len(t["colours"]))
+            for k in range(len(t["languages"][lang]["captions"]))]
+
+
+_NO_SPACES = {"zh", "ja", "th"}  # scripts written without spaces between words: match substrings
+
+
+def caption_mentions(lang: str, text: str) -> tuple[set[int], set[int]]:
+    """(class indices, colour indices) whose ``lang`` words occur in ``text``. In languages written with
+    spaces only whole words count ('red' in 'coloured' does not); in zh, ja and th any substring does, longer
+    words first, each match blanked before shorter ones are looked for. Scores a generated caption against
+    the demo's ground truth: every caption of class k in colour c mentions ({k}, {c}), or ({k}, set()) for
+    templates without the colour (a test checks all of them)."""
+    t = demo_texts()["languages"].get(lang)
+    if t is None:
+        raise UserError(f"{lang!r} is not a demo language; demo languages are {demo_languages()}")
+    words = [(w, "n", i) for i, w in enumerate(t["names"])] + [(w, "c", i) for i, w in enumerate(t["colours"])]
+    found: dict[str, set[int]] = {"n": set(), "c": set()}
+    edge = "" if lang in _NO_SPACES else r"(?<![^\W\d_]){}(?![^\W\d_])"  # whole words where words have spaces
+    for w, kind, i in sorted(words, key=lambda x: -len(x[0])):
+        pat = re.compile(edge.format(re.escape(w)) if edge else re.escape(w))
+        if pat.search(text):
+            found[kind].add(i)
+            text = pat.sub("\0", text)
+    return found["n"], found["c"]
 
 
 # ----------------------------------------------------------------------------------------------- drawing
@@ -246,7 +279,6 @@ def build_demo(out_dir: str | os.PathLike, *, train: int = 3000, val: int = 500,
     """
     from vlm import __version__
     from vlm.data.langs import normalize_lang, script_of
-    from vlm.errors import UserError
 
     t = demo_texts()
     langs = [normalize_lang(x) for x in (langs or demo_languages())]
@@ -323,5 +355,5 @@ def describe(demo: DemoData) -> str:
     ])
 
 
-__all__ = ["build_demo", "DemoData", "demo_texts", "demo_languages", "demo_labels", "demo_prompts",
-           "render_caption", "draw_shape", "make_sample", "describe"]
+__all__ = ["build_demo", "DemoData", "demo_texts", "demo_languages", "demo_labels", "demo_prompts", "all_captions",
+           "caption_mentions", "render_caption", "draw_shape", "make_sample", "describe"]

@@ -9,9 +9,18 @@ import tarfile
 import pytest
 from PIL import Image
 
-from data_recipes.demo import build_demo, demo_languages, demo_texts, draw_shape
+from data_recipes.demo import (
+    all_captions,
+    build_demo,
+    caption_mentions,
+    demo_languages,
+    demo_texts,
+    draw_shape,
+    render_caption,
+)
 from vlm.cli import main
 from vlm.data.langs import script_of
+from vlm.errors import UserError
 
 SMALL = dict(train=40, val=20, size=32, train_shards=4, val_shards=2)
 
@@ -141,3 +150,19 @@ def test_demo_streams_through_the_data_pipeline(demo):
     b = batches[0]
     assert b["pixels"].shape == (8, 3, 32, 32) and b["class_id"].min() >= 0
     assert set(b["lang"]) <= set(demo.languages)
+
+
+def test_caption_mentions_reads_class_and_colour_back_from_every_caption():
+    t = demo_texts()
+    for lang in demo_languages():
+        for label in range(len(t["classes"])):
+            for colour in range(len(t["colours"])):
+                for k in range(len(t["languages"][lang]["captions"])):
+                    names, colours = caption_mentions(lang, render_caption(lang, label, colour, k))
+                    assert names == {label} and colours in ({colour}, set()), (lang, label, colour, k)
+    assert caption_mentions("en", "a red circle next to a blue square") == ({0, 1}, {0, 2})
+    assert caption_mentions("en", "a coloured drawing") == (set(), set())  # 'red' inside a word is no colour
+    assert caption_mentions("zh", "红色的圆形") == ({0}, {0})  # no spaces: substrings count
+    assert len(all_captions(["en", "de"])) == sum(10 * 8 * len(t["languages"][c]["captions"]) for c in ("en", "de"))
+    with pytest.raises(UserError, match="not a demo language"):
+        caption_mentions("xx", "a circle")
