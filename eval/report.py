@@ -3,7 +3,9 @@
 A *results dict* (made by ``eval.zeroshot.evaluate_zeroshot``, ``eval.retrieval.evaluate_retrieval``,
 ``eval.metrics.caption_metrics`` / ``vqa_metrics``) has: ``task``, ``primary_metric``, ``metrics`` (names
 shown in the table), ``per_language`` {lang: {metric: value, metric + "_chance": value, n...}},
-``summary`` (means over languages), ``warnings``, and task extras (mode, cache...).
+``summary`` (means over languages), ``warnings``, and task extras (mode, cache...). ``baseline_label``
+(optional, default "chance level") names what the ``_chance`` values are when they are another baseline
+(``vlm demo``'s image-blind captioner), in the Markdown's cell legend and the PNG's.
 
 ``write_report(results, out_dir, name, metadata)`` writes ``{name}.json`` (results + metadata: model,
 data, prompts, the vlm/torch/open_clip/... versions and the UTC date, filled in automatically),
@@ -80,7 +82,8 @@ def to_markdown(report: dict) -> str:
     if vers:
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if v))
     has_chance = any(m + "_chance" in r for r in per.values() for m in metrics)
-    lines += ["", "Cells: value" + (" (chance level)" if has_chance else "") + ", on a 0-100 scale (CIDEr-D: x100).",
+    base = report.get("baseline_label") or "chance level"
+    lines += ["", "Cells: value" + (f" ({base})" if has_chance else "") + ", on a 0-100 scale (CIDEr-D: x100).",
               ""]
     count_key = next((k for k in ("n_images", "n") if any(k in r for r in per.values())), None)
     extra = ["n_classes"] if any("n_classes" in r for r in per.values()) else []
@@ -117,7 +120,7 @@ def plot(report: dict, path: str, metric: str | None = None) -> str:
     if any(c is not None for c in chance):
         pts = [(x, c) for x, c in zip(xs, chance) if c is not None]
         ax.hlines([c for _, c in pts], [x - 0.4 for x, _ in pts], [x + 0.4 for x, _ in pts], colors="black",
-                  linewidth=1.6, label="chance")
+                  linewidth=1.6, label=report.get("baseline_label") or "chance")
     ax.set_xticks(xs)
     ax.set_xticklabels(langs, rotation=90 if len(langs) > 12 else 0, fontsize=7 if len(langs) > 30 else 9)
     ax.set_ylabel(f"{metric} (%)")

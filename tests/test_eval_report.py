@@ -36,6 +36,10 @@ def test_write_report_files(tmp_path):
     with Image.open(paths["png"]) as im:
         assert im.size[0] >= 600 and im.size[1] > 300
     assert not list((tmp_path / "out").glob("*.tmp"))
+    assert "Cells: value (chance level)" in md
+    other = write_report({**_results(55.0, 42.5), "baseline_label": "image-blind baseline"}, str(tmp_path / "out"),
+                         "run2", {})
+    assert "Cells: value (image-blind baseline)" in open(other["markdown"], encoding="utf-8").read()
 
 
 def test_compare_reports(tmp_path):
