@@ -128,3 +128,36 @@ def test_demo_vlm_quick(demo, tmp_path):
 
     blind_cfg = yaml.safe_load(Path(out["blind_model_dir"]).parent.joinpath("config.yaml").read_text())
     assert blind_cfg["image_blind"] is True and blind_cfg["train"]["steps"] == 2
+    assert "shape_acc" in rep["metrics"] and 0 <= rep["summary"]["mean_shape_acc"] <= 100
+    # both models run on the demo LLM, a transformers directory loaded through hf:
+    assert blind_cfg["model"]["llm"] == f"hf:{out['llm_dir']}"
+    assert Path(out["llm_dir"], "config.json").is_file() and Path(out["llm_dir"], "tokenizer.json").is_file()
+
+
+def test_demo_llm_is_a_reusable_transformers_dir_with_a_corpus_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_recipes.demo import all_captions
+    from vlm.demo_vlm import build_demo_llm
+
+    d = build_demo_llm(tmp_path / "llm", ["en", "de"])
+    tok = AutoTokenizer.from_pretrained(d)  # plain transformers reads it
+    assert AutoModelForCausalLM.from_pretrained(d).config.model_type == "llama"
+    cap = all_captions(["de"])[0]
+    assert len(tok(cap, add_special_tokens=False)["input_ids"]) <= len(cap.split()) + 2  # ~ a token per word
+    stamp = (d / "vlm-demo-llm.json").stat().st_mtime_ns
+    assert build_demo_llm(tmp_path / "llm", ["en", "de"]) == d and (d / "vlm-demo-llm.json").stat().st_mtime_ns == stamp
+    build_demo_llm(tmp_path / "llm", ["en", "fr"])  # other languages: another corpus, rebuilt in place
+    assert (d / "vlm-demo-llm.json").stat().st_mtime_ns != stamp and not (tmp_path / "llm.tmp").exists()
+
+
+def test_shape_accuracy_counts_captions_naming_the_drawn_shape_only():
+    from vlm.demo_vlm import shape_accuracy
+
+    refs = ["a photo of the circle.", "the red circle."]
+    rows = [{"lang": "en", "prediction": "a drawing of the circle.", "references": refs},
+            {"lang": "en", "prediction": "a circle and a square.", "references": refs},  # two shapes: wrong
+            {"lang": "en", "prediction": "a drawing of the square.", "references": refs},
+            {"lang": "en", "prediction": "the red thing.", "references": refs},
+            {"lang": "de", "prediction": "Zeichnung: ein Kreis in Rot.", "references": ["Kreis", "ein Kreis in Blau."]}]
+    assert shape_accuracy(rows) == {"en": 25.0, "de": 100.0}

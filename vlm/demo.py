@@ -2,15 +2,16 @@
 
 1. **Data**: ``data_recipes.demo.build_demo`` draws the multilingual demo shard set (16 languages, 10 scripts)
    into ``OUT/data`` (reused when it is already there with the same arguments).
-2. **Pretrain**: ``train/configs/pretrain_demo.yaml`` (a small dual encoder: tiny ViT + byte-level text
-   transformer) through the same ``train.pretrain.run`` that ``vlm train`` uses, into ``OUT/run``; a killed
+2. **Pretrain**: ``train/configs/pretrain_demo.yaml`` (a small dual encoder: a random-init timm ResNet-10t +
+   a hashed character n-gram text tower) through the same ``train.pretrain.run`` that ``vlm train`` uses, into ``OUT/run``; a killed
    demo resumes from its last checkpoint when run again with the same arguments.
 3. **Evaluate**: zero-shot classification in every demo language (Babel-ImageNet protocol, translated
    prompts: ``OUT/data/labels.json`` + ``prompts.json`` are in the benchmark's own format) and per-language
    image<->text retrieval on the held-out split, through the same code as ``vlm eval``.
 4. **Vision-LLM**: ``vlm.demo_vlm.run_vlm_demo`` fine-tunes a tiny vision-LLM (the image tower just
-   pretrained, an MLP projector, a tiny multilingual Llama with LoRA) to caption in every demo language, and
-   scores captioning chrF per language next to an image-blind baseline (same model and steps, grey images).
+   pretrained, an MLP projector, a tiny multilingual Llama loaded from a transformers directory, with LoRA) to
+   caption in every demo language, and scores captioning chrF and shape accuracy per language next to an
+   image-blind baseline (same model and steps, grey images).
 5. **Report**: JSON + Markdown + PNG per evaluation in ``OUT/report``; the tables are printed at the end
    with the folder's path.
 
