@@ -394,7 +394,7 @@ class VisionLLM(nn.Module):
         return {"lm_loss": loss_sum / denom, **aux, "lm/loss_sum": loss_sum.detach(), "lm/n_tokens": n}
 
     # -- generation ------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, pixels: torch.Tensor, prompts: list[str] | None = None, lang: str | list[str] | None = None,
                  *, task: str = "caption", questions: list[str] | None = None, max_new_tokens: int = 32,
                  num_beams: int = 1, do_sample: bool = False, top_p: float | None = None,
