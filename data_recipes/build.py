@@ -18,10 +18,16 @@ Rows. JSONL: one object per line. CSV/TSV: a header with ``image`` and ``caption
 (a JSON cell), optional ``lang``, ``label``, ``class_name``; other columns are copied into the json.
 A row has either ``caption`` + ``lang`` (``lang`` may come from ``--lang``), or ``captions`` =
 ``{lang: text or [texts]}``, or both. Relative image paths resolve against the rows file's folder.
+VQA rows: ``question`` (a string in ``lang``, or ``{lang: question}``) + ``answers`` (a string or list,
+or ``{lang: [answers]}``; ``answer`` is accepted too), with or without captions: they are checked with
+:func:`eval.vqa.parse_vqa` (the reader's own parser), written into the json per language
+(``{"question": {lang: q}, "answers": {lang: [...]}}``) and counted in the manifest (``questions_per_lang``). A VQA row without captions has ``captions`` {} in
+its json and its question as the ``.txt``; VQA-only shard sets feed ``vqa_data`` of a finetune config and
+``vlm eval vqa``, not caption training (the caption reader skips such samples as ``missing_caption``).
 
 Validation, per row, before anything is written (a bad row is skipped and recorded, never fatal):
-``bad_row`` (not a JSON object, no image field, unparsable captions), ``missing_image`` (file not
-found), ``unsupported_image`` (not JPEG/PNG/WEBP, judged by content, not by name), ``corrupt_image``
+``bad_row`` (not a JSON object, no image field, unparsable captions, a question without usable answers),
+``missing_image`` (file not found), ``unsupported_image`` (not JPEG/PNG/WEBP, judged by content, not by name), ``corrupt_image``
 (PIL cannot decode it fully, e.g. truncated), ``image_too_large`` (width*height over ``max_pixels``,
 checked from the header before decoding), ``missing_caption``, ``missing_lang``, ``unknown_lang``
 (:func:`vlm.data.langs.normalize_lang` rejects it), ``bad_label`` (not an integer >= 0), and in folder
@@ -255,9 +261,10 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict | RowError]]:
     if kind != "jsonl":
         with open(p, encoding="utf-8-sig", newline="") as f:
             cols = next(csv.reader(f, delimiter="\t" if kind == "tsv" else ","), [])
-        if "image" not in cols or not ({"caption", "captions"} & set(cols)):
+        if "image" not in cols or not ({"caption", "captions", "question"} & set(cols)):
             raise DataError(f"rows file {p}: header {cols} needs an 'image' column and a 'caption' or "
-                            f"'captions' column (optional: lang, label, class_name)")
+                            f"'captions' column, or 'question' + 'answers' for VQA (optional: lang, label, "
+                            f"class_name)")
     return _iter_rows(p, kind)
 
 
@@ -302,6 +309,7 @@ class RowPlan:
     label: int | None = None
     class_name: str | None = None
     extra: dict = field(default_factory=dict)
+    questions: dict[str, str] = field(default_factory=dict)  # VQA rows: {lang: question}
 
 
 def parse_row(row: dict, default_lang: str | None = None) -> RowPlan:
@@ -338,9 +346,10 @@ def parse_row(row: dict, default_lang: str | None = None) -> RowPlan:
         texts = [t.strip() for t in texts if t.strip()]
         if texts:
             caps.setdefault(code, []).extend(texts)
-    if not caps:
-        raise RowError("missing_caption", "no non-empty 'caption' or 'captions'")
-    primary = next(iter(caps))
+    vqa = _parse_vqa_row(row, default_lang)
+    if not caps and not vqa:
+        raise RowError("missing_caption", "no non-empty 'caption' or 'captions' (nor a VQA 'question' + 'answers')")
+    primary = next(iter(caps)) if caps else next(iter(vqa))
     label = row.get("label")
     if label is not None:
         try:
@@ -352,7 +361,47 @@ def parse_row(row: dict, default_lang: str | None = None) -> RowPlan:
         label = int(label)
     cname = row.get("class_name")
     extra = {k: v for k, v in row.items() if k not in _RESERVED}
-    return RowPlan(image.strip(), caps, primary, label, None if cname is None else str(cname), extra)
+    if vqa:  # stored per language, so the reader never has to guess the language of a plain string
+        extra.pop("answer", None)
+        extra["question"] = {code: qa[0] for code, qa in vqa.items()}
+        extra["answers"] = {code: qa[1] for code, qa in vqa.items()}
+    return RowPlan(image.strip(), caps, primary, label, None if cname is None else str(cname), extra,
+                   {code: qa[0] for code, qa in vqa.items()})
+
+
+def _parse_vqa_row(row: dict, default_lang: str | None) -> dict[str, tuple[str, list[str]]]:
+    """``{lang: (question, answers)}`` of a row with a ``question``, checked by the VQA reader's parser;
+    {} for a row without one. A question whose answers are missing or unusable is a ``bad_row``."""
+    if row.get("question") in (None, ""):
+        return {}
+    from eval.vqa import parse_vqa
+    from vlm.data.decode import SampleSkipped
+    from vlm.data.langs import UnknownLanguage, normalize_lang
+
+    q = row["question"]
+    if isinstance(q, str) and q.strip().startswith("{"):  # CSV cells hold JSON text
+        try:
+            row = {**row, "question": json.loads(q)}
+        except json.JSONDecodeError:
+            pass
+    a = row.get("answers", row.get("answer"))
+    if isinstance(a, str) and a.strip()[:1] in ("[", "{"):
+        try:
+            row = {**row, "answers": json.loads(a)}
+        except json.JSONDecodeError:
+            pass
+    lang = row.get("lang") or default_lang
+    if isinstance(row["question"], str) and not lang:
+        raise RowError("missing_lang", "row has a 'question' but no 'lang' (add a lang column or pass --lang)")
+    try:
+        if lang:
+            normalize_lang(str(lang))
+        return parse_vqa(row, default_lang=lang or "en")
+    except UnknownLanguage as e:
+        raise RowError("unknown_lang", str(e)) from None
+    except SampleSkipped:
+        raise RowError("bad_row", "'question' needs 'answers' (a string, a list, or {lang: [...]}) in the same "
+                                  "language(s)") from None
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -454,7 +503,7 @@ def build_samples(plans, out_dir, *, source: dict, prefix: str = "shard", max_co
         plans = list(plans)
         random.Random(shuffle_seed).shuffle(plans)
     skipped: list[dict] = []
-    langs, captions, labels = Counter(), Counter(), Counter()
+    langs, captions, labels, questions = Counter(), Counter(), Counter(), Counter()
     index = 0
     with ShardSetWriter(out, prefix, maxcount=max_count, maxsize=max_size) as writer:
         for n, plan, path in plans:
@@ -475,12 +524,15 @@ def build_samples(plans, out_dir, *, source: dict, prefix: str = "shard", max_co
                 labels[plan.label] += 1
             if plan.class_name is not None:
                 meta["class_name"] = plan.class_name
-            writer.write({"__key__": key, ext: data, "txt": plan.captions[plan.lang][0].encode("utf-8"),
+            txt = plan.captions[plan.lang][0] if plan.captions else plan.questions[plan.lang]
+            writer.write({"__key__": key, ext: data, "txt": txt.encode("utf-8"),
                           "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
             index += 1
-            for code, texts in plan.captions.items():
+            for code in set(plan.captions) | set(plan.questions):
                 langs[code] += 1
+            for code, texts in plan.captions.items():
                 captions[code] += len(texts)
+            questions.update(plan.questions.keys())
             if log and index % 10_000 == 0:
                 log(f"  {index} samples written, {len(skipped)} skipped")
     shards = writer.shards
@@ -497,6 +549,7 @@ def build_samples(plans, out_dir, *, source: dict, prefix: str = "shard", max_co
         "shards": shards,
         "langs": dict(langs.most_common()),
         "captions_per_lang": dict(captions.most_common()),
+        "questions_per_lang": dict(questions.most_common()),
         "labels": {str(k): v for k, v in sorted(labels.items())},
         "num_skipped": len(skipped),
         "skipped_reasons": dict(Counter(s["reason"] for s in skipped).most_common()),

@@ -20,7 +20,11 @@ rows file formats:
   .jsonl  one object a line:
             {"image": "img/1.jpg", "caption": "a red bus", "lang": "en", "label": 3}
             {"image": "img/2.png", "captions": {"de": "ein roter Bus", "fr": ["un bus rouge", "bus"]}}
-  .csv / .tsv  header with image, caption, lang, label; a "captions" column holds the JSON mapping.
+          VQA (with or without captions; shards for vqa_data and vlm eval vqa):
+            {"image": "img/3.jpg", "question": "What colour is the bus?", "answers": ["red", "red"], "lang": "en"}
+            {"image": "img/4.jpg", "question": {"de": "Welche Farbe?"}, "answers": {"de": ["rot"]}}
+  .csv / .tsv  header with image, caption, lang, label (or question, answers); a "captions" column, and
+          per-language question/answers cells, hold JSON.
   Relative image paths are relative to the rows file's folder. Other columns/fields are kept in the json.
 image folder:  DIR/<class>/<image>  -> label = index of the class in sorted order, caption = class name
   (in --lang, default en); also writes labels.json (Babel-ImageNet format) for zero-shot evaluation.
@@ -31,6 +35,7 @@ are skipped and listed with their reason in DIR/manifest.json; the build never s
 examples:
   vlm shards build captions.jsonl --out shards/ --max-count 5000
   vlm shards build rows.csv --out shards/ --lang de --max-size 500MB --resize 512
+  vlm shards build vqa.jsonl --out vqa_shards/
   vlm shards build photos_by_class/ --out shards/ --lang fr --shuffle-seed 0
 """
 

@@ -229,3 +229,47 @@ def test_cli_build_and_inspect(rows_dir, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["shards", cmd, "--help"])
         assert "examples:" in capsys.readouterr().out
+
+
+def test_build_vqa_rows_read_back_by_the_vqa_reader(tmp_path):
+    from eval.vqa import vqa_records
+    from vlm.data.decode import SkipStats
+    from vlm.towers.base import ImagePreprocess
+
+    d = tmp_path / "vqa_src"
+    _img(d / "a.jpg")
+    rows = [
+        {"image": "a.jpg", "question": "What colour is it?", "answers": ["red", "red", "dark red"], "lang": "en"},
+        {"image": "a.jpg", "question": {"de": "Welche Farbe?", "hi": "कौन सा रंग?"},
+         "answers": {"de": ["rot"], "hi": "लाल"}},
+        {"image": "a.jpg", "question": "Was ist das?", "answer": "ein Quadrat"},  # lang from --lang
+        {"image": "a.jpg", "caption": "a red square", "lang": "en", "question": "Shape?", "answers": ["square"]},
+        {"image": "a.jpg", "question": "No answers?", "lang": "en"},  # bad_row
+        {"image": "a.jpg", "question": "Quoi ?", "answers": ["x"], "lang": "xx"},  # unknown_lang
+    ]
+    (d / "rows.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
+                                  encoding="utf-8")
+    res = build_from_rows(d / "rows.jsonl", tmp_path / "vqa", lang="de")
+    m = res.manifest
+    assert m["num_samples"] == 4 and m["skipped_reasons"] == {"bad_row": 1, "unknown_lang": 1}
+    assert m["questions_per_lang"] == {"en": 2, "de": 2, "hi": 1} and m["captions_per_lang"] == {"en": 1}
+    members = _all_members(res.shards)
+    assert members["000000002.txt"].decode() == "Was ist das?"  # no caption: the question is the .txt
+    meta = json.loads(members["000000002.json"])
+    assert meta["captions"] == {} and meta["question"] == {"de": "Was ist das?"} and meta["answers"] == {
+        "de": ["ein Quadrat"]} and "answer" not in meta
+    got = {r["key"]: r["qa"] for r in vqa_records([str(s) for s in res.shards], ImagePreprocess(image_size=16),
+                                                  SkipStats())}
+    assert got["000000000"] == {"en": ("What colour is it?", ["red", "red", "dark red"])}
+    assert got["000000001"] == {"de": ("Welche Farbe?", ["rot"]), "hi": ("कौन सा रंग?", ["लाल"])}
+    assert got["000000003"] == {"en": ("Shape?", ["square"])}
+    # the same from CSV, where the per-language fields are JSON cells
+    with open(d / "rows.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "question", "answers", "lang"])
+        w.writerow(["a.jpg", json.dumps({"fr": "Quelle couleur ?"}), json.dumps({"fr": ["rouge"]}), ""])
+        w.writerow(["a.jpg", "What is it?", json.dumps(["a square", "square"]), "en"])
+    res = build_from_rows(d / "rows.csv", tmp_path / "vqa_csv")
+    metas = [json.loads(v) for k, v in sorted(_all_members(res.shards).items()) if k.endswith(".json")]
+    assert [(x["question"], x["answers"]) for x in metas] == [
+        ({"fr": "Quelle couleur ?"}, {"fr": ["rouge"]}), ({"en": "What is it?"}, {"en": ["a square", "square"]})]
