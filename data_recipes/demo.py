@@ -19,7 +19,9 @@ Japanese ja, Hangul ko, Greek el, Hebrew he, Thai th), from ``demo_langs.yaml`` 
 names, colour words, caption templates written so they stay grammatical for every class and colour; see the
 notes at the top of that file). Each sample's ``.json`` holds ``captions`` {lang: [2 captions from different
 templates]} for every language, ``lang`` "en" (the language of the ``.txt``, which holds the first English
-caption), ``label`` (class index), ``class_name`` (English), ``colour`` (English), ``width``/``height``.
+caption), ``label`` (class index), ``class_name`` (English), ``colour`` (English), ``width``/``height``,
+and a VQA pair in every language: ``question`` {lang: "What shape is this?" ...} and ``answers`` {lang:
+[the class name]} (the :mod:`eval.vqa` format), so the same shards feed captioning and VQA fine-tuning.
 
 Files written under ``out_dir``: ``train/train-%06d.tar`` (>= 4 shards by default so 2 nodes x 2 workers
 each get one), ``val/val-%06d.tar`` (held-out images drawn from a different random stream), a
@@ -54,6 +56,7 @@ TEXT_FILE = Path(__file__).with_name("demo_langs.yaml")
 PALETTE = {"red": (215, 35, 35), "green": (40, 160, 60), "blue": (35, 70, 210), "yellow": (240, 210, 30),
            "orange": (245, 135, 20), "purple": (130, 50, 170), "black": (20, 20, 20), "white": (245, 245, 245)}
 SPLITS = {"train": 0, "val": 1}
+DEMO_FORMAT = "vlm-demo/2"  # /2: samples carry a VQA question + answers; an older demo folder is rebuilt
 _FREE_ROTATION = {"circle", "square", "triangle", "star", "cross", "ring", "arrow", "moon"}
 
 
@@ -70,6 +73,8 @@ def demo_texts() -> dict:
     for code, t in data["languages"].items():
         if len(t["names"]) != n_cls or len(t["colours"]) != n_col or len(t.get("a_names", t["names"])) != n_cls:
             raise ValueError(f"{TEXT_FILE}: language {code} needs {n_cls} names and {n_col} colours")
+        if not isinstance(t.get("question"), str) or not t["question"].strip():
+            raise ValueError(f"{TEXT_FILE}: language {code} needs a VQA 'question' (which shape is drawn)")
         for tpl in t["captions"]:
             tpl.format(name="x", a_name=t.get("a_names", ["x"])[0], colour="y")  # KeyError if a slot is wrong
         captions = {c.replace("{name}", "{}") for c in t["captions"]}
@@ -224,7 +229,9 @@ def make_sample(seed: int, split: str, index: int, label: int, size: int, langs:
         captions[lang] = [render_caption(lang, label, colour, int(i)) for i in picks]
     key = f"{split}-{index:06d}"
     meta = {"key": key, "captions": captions, "lang": langs[0], "label": label, "class_name": shape,
-            "colour": t["colours"][colour], "width": size, "height": size, "source": "vlm-demo"}
+            "colour": t["colours"][colour], "width": size, "height": size, "source": "vlm-demo",
+            "question": {x: t["languages"][x]["question"] for x in langs},
+            "answers": {x: [t["languages"][x]["names"][label]] for x in langs}}
     return {"__key__": key, "jpg": buf.getvalue(), "txt": captions[langs[0]][0].encode("utf-8"),
             "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
 
@@ -310,13 +317,14 @@ def build_demo(out_dir: str | os.PathLike, *, train: int = 3000, val: int = 500,
                     "shards": w.shards, "langs": {x: n for x in langs},
                     "captions_per_lang": {x: n * min(captions_per_lang, len(t["languages"][x]["captions"]))
                                           for x in langs},
+                    "questions_per_lang": {x: n for x in langs},
                     "labels": {str(k): int(c) for k, c in enumerate(counts)}, "num_skipped": 0,
                     "skipped_reasons": {}, "skipped": []}
         write_json_atomic(sdir / "manifest.json", manifest)
         splits[split] = {"dir": split, "num_samples": n, "shards": [s["name"] for s in w.shards]}
     write_json_atomic(out / "labels.json", demo_labels(langs))
     write_json_atomic(out / "prompts.json", demo_prompts(langs))
-    top = {"format": "vlm-demo/1", "vlm_version": __version__, "config": config, "splits": splits,
+    top = {"format": DEMO_FORMAT, "vlm_version": __version__, "config": config, "splits": splits,
            "languages": langs, "scripts": {x: script_of(x) for x in langs}, "classes": list(t["classes"]),
            "colours": list(t["colours"]), "labels_file": "labels.json", "prompts_file": "prompts.json"}
     # Written last: a demo directory with this file is complete (reuse=True trusts it).
@@ -334,7 +342,7 @@ def _paths(out: Path, top: dict) -> DemoData:
 def _existing(out: Path, config: dict) -> DemoData | None:
     try:
         top = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        if top.get("format") != "vlm-demo/1" or top.get("config") != config:
+        if top.get("format") != DEMO_FORMAT or top.get("config") != config:
             return None
         found = _paths(out, top)
     except (OSError, ValueError, KeyError, TypeError):

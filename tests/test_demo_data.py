@@ -166,3 +166,20 @@ def test_caption_mentions_reads_class_and_colour_back_from_every_caption():
     assert len(all_captions(["en", "de"])) == sum(10 * 8 * len(t["languages"][c]["captions"]) for c in ("en", "de"))
     with pytest.raises(UserError, match="not a demo language"):
         caption_mentions("xx", "a circle")
+
+
+def test_demo_samples_carry_a_vqa_pair_in_every_language(demo):
+    from eval.vqa import vqa_records
+    from vlm.data.decode import SkipStats
+    from vlm.towers.base import ImagePreprocess
+
+    t = demo_texts()
+    stats = SkipStats()
+    recs = list(vqa_records([str(p) for p in demo.val], ImagePreprocess(image_size=32), stats))
+    assert len(recs) == SMALL["val"] and stats.as_dict() == {}
+    metas = {key: json.loads(m["json"]) for key, m in _samples(demo.val).items()}
+    for r in recs:
+        label = metas[r["key"]]["label"]
+        assert set(r["qa"]) == set(demo.languages)
+        for lang, (q, answers) in r["qa"].items():
+            assert q == t["languages"][lang]["question"] and answers == [t["languages"][lang]["names"][label]]

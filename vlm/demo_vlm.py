@@ -49,12 +49,14 @@ DEMO_LLM = {"family": "llama", "hidden_size": 96, "num_layers": 2, "num_heads": 
 
 def demo_llm_corpus(langs: list[str]) -> list[str]:
     """What the demo LLM's tokenizer is trained on: every demo caption in ``langs`` and the caption / VQA
-    instructions the vision-LLM puts in its prompts (neutral and per language)."""
-    from data_recipes.demo import all_captions
+    instructions the vision-LLM puts in its prompts (neutral and per language, VQA with the demo's question)."""
+    from data_recipes.demo import all_captions, demo_texts
     from vlm.vision_llm import make_prompt
 
-    prompts = [make_prompt(task, lang, "?", control) for task in ("caption", "vqa") for lang in langs
-               for control in ("token", "instruction")]
+    t = demo_texts()["languages"]
+    prompts = [make_prompt("caption", lang, None, control) for lang in langs for control in ("token", "instruction")]
+    prompts += [make_prompt("vqa", lang, t[lang]["question"], control) for lang in langs
+                for control in ("token", "instruction")]
     return all_captions(langs) + prompts * 10
 
 
