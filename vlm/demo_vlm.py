@@ -200,8 +200,8 @@ def _run(data, out_dir: Path, *, quick: bool, steps: int | None, workers: int, n
     import torch
 
     from eval.caption import evaluate_captions
-    from eval.report import write_report
     from eval.metrics import read_jsonl
+    from eval.report import write_report
     from vlm.vision_llm import VisionLLM
 
     t0 = time.time()
