@@ -27,6 +27,8 @@ def _tower_cases():
         "ngram:": {"text": lambda p: ("ngram:text", {"width": 32, "buckets": 4096})},
         "open_clip:": {"vit-image": oc("image"), "text": oc("text"), "rn-image": oc("image", OC_RN_ARCH, OC_RN_CFG)},
         "timm:": {"vit": lambda p: (f"timm:{TIMM_NAME}", dict(pretrained=str(p["timm"]), **TIMM_KW))},
+        "vlm:": {"image": lambda p: (f"vlm:{p['dual_encoder']}", {}),
+                 "text": lambda p: (f"vlm:{p['dual_encoder']}", {"side": "text"})},
         "hf:": {"clip-image": hf("clip", side="image"), "clip-text": hf("clip", side="text"),
                 "siglip-image": hf("siglip", side="image"), "siglip-text": hf("siglip", side="text"),
                 "xlmr-mean": hf("xlmr"), "bert-pooler": hf("bert", pooling="pooler"), "mt5-last": hf("mt5", pooling="last")},

@@ -87,6 +87,12 @@ def make_parts(root) -> dict:
     t = timm.create_model(TIMM_NAME, **TIMM_KW)
     save_file(t.state_dict(), str(root / "timm.safetensors"))
     out["timm"] = root / "timm.safetensors"
+    from vlm.model import DualEncoder  # a dual encoder saved by vlm itself, for the vlm:<dir> towers
+
+    de = DualEncoder.from_config({"image_tower": f"timm:{TIMM_NAME}", "image_tower_cfg": TIMM_KW,
+                                  "text_tower": "ngram:text", "text_tower_cfg": {"width": 32, "buckets": 4096},
+                                  "embed_dim": 16})
+    out["dual_encoder"] = de.save_pretrained(root / "dual_encoder")
     return out
 
 
@@ -308,3 +314,24 @@ def test_pool_last_handles_left_and_right_padding():
     assert pool_tokens(tokens, right, "last").flatten().tolist() == [1.0, 7.0]
     assert pool_tokens(tokens, left, "last").flatten().tolist() == [3.0, 7.0]
     assert pool_tokens(tokens, right, "mean").flatten().tolist() == [0.5, 5.5]
+
+
+def test_saved_dual_encoder_towers(parts):
+    """vlm:<dir>: either tower of a dual encoder vlm saved, with its weights, by spec."""
+    from vlm.model import DualEncoder
+
+    de = DualEncoder.from_pretrained(parts["dual_encoder"])
+    image = registry.build("tower", f"vlm:{parts['dual_encoder']}")
+    text = registry.build("tower", f"vlm:{parts['dual_encoder']}", side="text")
+    px = torch.randn(2, 3, image.preprocess.image_size, image.preprocess.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(image.eval()(px), de.image_tower.eval()(px))
+        ids = text.tokenizer(["ein Kreis", "वृत्त"])
+        torch.testing.assert_close(text(**ids), de.text_tower(**ids))
+    assert image.width == de.image_tower.width and text.width == de.text_tower.width
+    with pytest.raises(SpecError, match="no saved dual encoder"):
+        registry.build("tower", f"vlm:{parts['dual_encoder'].parent / 'nowhere'}")
+    with pytest.raises(SpecError, match="side must be image or text"):
+        registry.build("tower", f"vlm:{parts['dual_encoder']}", side="audio")
+    with pytest.raises(SpecError, match="remove the options"):
+        registry.build("tower", f"vlm:{parts['dual_encoder']}", width=64)

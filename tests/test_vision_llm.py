@@ -282,6 +282,33 @@ def test_from_pretrained_checks_rebuilt_weights(tmp_path):
         VisionLLM.from_pretrained(tmp_path / "nothing")
 
 
+def test_tower_from_a_saved_dual_encoder_by_spec(tmp_path):
+    """model.tower=vlm:<dir>: the image tower a vlm pretraining run saved, frozen under the vision-LLM; the
+    saved vision-LLM loads back with the same outputs, and without its tower file it re-reads the directory
+    (the fingerprint check passes: same weights)."""
+    from vlm.config import from_dict
+    from vlm.model import DualEncoder
+
+    de = DualEncoder.from_config({"image_tower": "tiny:vit", "image_tower_cfg": {"width": 32, "depth": 1},
+                                  "text_tower": "ngram:text", "text_tower_cfg": {"width": 32, "buckets": 512}})
+    de_dir = de.save_pretrained(tmp_path / "de")
+    for save_tower in (True, False):
+        m = VisionLLM(from_dict(VisionLLMConfig, {
+            "tower": f"vlm:{de_dir}", "projector": "mlp2x_gelu", "projector_cfg": {"ln_vision": True},
+            "llm": "tiny:llama", "lora": {"r": 4}, "save_frozen_tower": save_tower}))
+        for a, b in zip(m.tower.state_dict().values(), de.image_tower.state_dict().values()):
+            torch.testing.assert_close(a, b)
+        px = _pixels(2, m)
+        m.eval()
+        with torch.no_grad():
+            loss = m({"pixels": px, "target": TARGETS[:2], "lang": LANGS[:2]})["lm_loss"]
+        out = m.save_pretrained(tmp_path / f"vl{save_tower}")
+        assert (out / "tower.safetensors").exists() == save_tower
+        back = VisionLLM.from_pretrained(out)
+        with torch.no_grad():
+            torch.testing.assert_close(back({"pixels": px, "target": TARGETS[:2], "lang": LANGS[:2]})["lm_loss"], loss)
+
+
 def test_caption_and_vqa_cli(tmp_path, capsys):
     from PIL import Image
 

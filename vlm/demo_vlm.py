@@ -15,8 +15,8 @@ What it does (about 3 minutes on 2 cores; ``quick``: seconds):
 1. Fine-tunes ``train/configs/finetune_demo.yaml`` (frozen tower, LLaVA-style ``mlp2x_gelu`` projector
    with a LayerNorm over the tower tokens, tiny Llama + LoRA) on the demo train split through the same
    ``train.finetune.run`` as ``vlm train``, into ``OUT/vlm_run`` (a killed demo resumes from its last
-   checkpoint). The tower starts from the image tower of the dual encoder ``vlm demo`` pretrained just
-   before (``OUT/run/final``) when it is there: a frozen *random* tiny ViT carries almost no shape
+   checkpoint). The tower is the image tower of the dual encoder ``vlm demo`` pretrained just before
+   (``model.tower=vlm:OUT/run/final``) when it is there: a frozen *random* tiny ViT carries almost no shape
    information (a linear probe on its tokens: 20 % shape accuracy on held-out images, chance 10 %; on the
    pretrained ResNet's tokens: 71 %).
 2. Trains the baseline: the same model, steps and data with ``image_blind: true`` (every image replaced
@@ -91,17 +91,11 @@ def build_demo_llm(out_dir: Path, langs: list[str]) -> Path:
 
 
 def pretrained_tower_overrides(dual_encoder_dir: Path | None) -> list[str]:
-    """Overrides that start the vision-LLM's tower from a saved dual encoder's image tower (same spec and
-    sizes, weights via ``init_tower``); [] when there is none."""
+    """Overrides that make the vision-LLM's tower the image tower of a saved dual encoder, by spec
+    (``model.tower=vlm:<dir>``, :mod:`vlm.towers.saved`); [] when there is none."""
     if dual_encoder_dir is None or not (Path(dual_encoder_dir) / "config.json").is_file():
         return []
-    import json
-
-    from vlm.model import DualEncoder
-
-    cfg = DualEncoder.from_pretrained(dual_encoder_dir).config
-    return [f"model.tower={cfg.image_tower}", f"model.tower_cfg={json.dumps(cfg.image_tower_cfg)}",
-            f"init_tower={dual_encoder_dir}"]
+    return [f"model.tower=vlm:{Path(dual_encoder_dir).resolve()}", "model.tower_cfg={}"]
 
 
 def _train(data, run_dir: Path, *, quick: bool, steps: int | None, workers: int, no_progress: bool,
@@ -209,7 +203,7 @@ def _run(data, out_dir: Path, *, quick: bool, steps: int | None, workers: int, n
     llm_dir = build_demo_llm((out_dir / "vlm_llm").resolve(), list(data.languages))  # absolute: saved in configs
     llm = [f"model.llm=hf:{llm_dir}", "model.llm_cfg={}"]
     kw = dict(quick=quick, steps=steps, workers=workers, no_progress=no_progress, tower=tower, llm=llm)
-    where = f"the pretrained dual encoder's image tower ({tower[-1].split('=', 1)[1]})" if tower else \
+    where = f"the pretrained dual encoder's image tower ({tower[0].split('=', 1)[1]})" if tower else \
         "a frozen random tiny ViT (no pretrained dual encoder found)"
     print(f"[vlm 1/3] fine-tuning a tiny vision-LLM with LoRA, tower: {where}, LLM: {llm_dir} -> "
           f"{out_dir / 'vlm_run'}", flush=True)
@@ -246,5 +240,5 @@ def _run(data, out_dir: Path, *, quick: bool, steps: int | None, workers: int, n
             "report": paths, "model_dir": s_img["final_dir"], "blind_model_dir": s_blind["final_dir"],
             "llm_dir": str(llm_dir),
             "train": {"image": {k: s_img.get(k) for k in keep}, "blind": {k: s_blind.get(k) for k in keep}},
-            "tower": tower[-1].split("=", 1)[1] if tower else "random tiny:vit (frozen)",
+            "tower": tower[0].split("=", 1)[1] if tower else "random tiny:vit (frozen)",
             "seconds": round(time.time() - t0, 1)}
