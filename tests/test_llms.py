@@ -54,7 +54,10 @@ def test_tiny_tokenizer_learns_merges_from_a_corpus(tmp_path):
     corpus = ["a red circle.", "a blue square.", "ein roter Kreis.", "赤い円。", "वृत्त लाल है।"] * 20
     byte = build_tiny_tokenizer()
     tok = build_tiny_tokenizer(corpus=corpus, vocab_size=400)
-    assert len(tok(corpus[0], add_special_tokens=False)["input_ids"]) < len(byte(corpus[0], add_special_tokens=False)["input_ids"])
+    def n_ids(t, text):
+        return len(t(text, add_special_tokens=False)["input_ids"])
+
+    assert n_ids(tok, corpus[0]) < n_ids(byte, corpus[0])
     assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<s>", "</s>", "<unk>"]
     ids = tok(MULTI, add_special_tokens=False)["input_ids"]  # text it never saw still encodes, byte by byte
     assert tok.unk_token_id not in ids and tok.decode(ids) == MULTI

@@ -12,7 +12,8 @@ import sys
 
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("vlm.demo", "the main job: build demo shards, pretrain a small dual encoder, evaluate it, fine-tune a vision-LLM captioner (LoRA) vs an image-blind baseline, report"),
+    "demo": ("vlm.demo", "the main job: build demo shards, pretrain a small dual encoder, evaluate it, "
+                         "fine-tune a vision-LLM captioner (LoRA) vs an image-blind baseline, report"),
     "shards": ("data_recipes.cli", "build, inspect and generate webdataset shard sets"),
     "train": ("train.cli", "train from a config: contrastive pretraining or vision-LLM fine-tuning"),
     "eval": ("eval.cli", "evaluate: zero-shot (Babel-ImageNet protocol), retrieval, captioning, VQA"),
