@@ -9,9 +9,9 @@ What it does (about 3 minutes on 2 cores; ``quick``: seconds):
 
 0. Builds the LLM the way a user brings one, as a transformers directory: a tiny random-init Llama whose
    byte-level BPE tokenizer is trained on the demo's caption corpus and instructions
-   (:func:`build_demo_llm`, ``OUT/vlm_llm``, loaded through ``hf:``). Measured: with the merge-free byte
-   tokenizer (one token per UTF-8 byte, 28 tokens per caption on average against 6) 400 steps only learn
-   to spell the templates and never use the image.
+   (:func:`build_demo_llm`, ``OUT/vlm_llm``, loaded through ``hf:``). Measured with the same 800 steps: the
+   merge-free byte tokenizer (one token per UTF-8 byte, 28 tokens per caption on average against 6) names
+   the drawn shape in 21 % of captions, the BPE one in 57-60 % (chance 10 %).
 1. Fine-tunes ``train/configs/finetune_demo.yaml`` (frozen tower, LLaVA-style ``mlp2x_gelu`` projector
    with a LayerNorm over the tower tokens, tiny Llama + LoRA) on the demo train split through the same
    ``train.finetune.run`` as ``vlm train``, into ``OUT/vlm_run`` (a killed demo resumes from its last
