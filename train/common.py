@@ -484,6 +484,21 @@ def clip_grads(model: nn.Module, max_norm: float) -> float:
     return total
 
 
+def guarded_update(model: nn.Module, optimizer, scheduler, loss: float, grad_clip: float,
+                   env: DistEnv) -> tuple[bool, float]:
+    """One optimizer update after the backward passes of a step, shared by both recipes: clip the gradients,
+    skip the update on every rank when any rank's loss or gradient norm is not finite, then clear the
+    gradients and advance the schedule either way. Returns (skipped, grad norm before clipping); the caller
+    counts the step and feeds ``skipped`` to its :class:`NonFiniteGuard`."""
+    grad_norm = clip_grads(model, grad_clip)
+    bad = any_rank(not (math.isfinite(loss) and math.isfinite(grad_norm)), env)
+    if not bad:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return bad, grad_norm
+
+
 class NonFiniteGuard:
     """Count non-finite steps; ``max_bad`` consecutive ones stop the run with an error that names the
     last good checkpoint."""

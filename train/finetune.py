@@ -60,12 +60,11 @@ from train.common import (
     RunLogger,
     TrainConfig,
     all_gather_object,
-    any_rank,
     autocast,
     barrier,
     build_scheduler,
     cleanup_distributed,
-    clip_grads,
+    guarded_update,
     gather_model_state,
     global_mean,
     resolve_resume_on_all_ranks,
@@ -398,13 +397,7 @@ def _train(cfg: FinetuneConfig, env) -> dict:
             micro.append(to_model_batch(model, task, streams.next(task), cfg))
             window["tasks"][task] = window["tasks"].get(task, 0) + 1
         losses = lm_step(train_model, model, micro, env=env, precision=cfg.train.precision)
-        grad_norm = clip_grads(model, cfg.optim.grad_clip)
-        bad = any_rank(not (torch.isfinite(torch.tensor(losses["loss"])) and
-                            torch.isfinite(torch.tensor(grad_norm))), env)
-        if not bad:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        bad, grad_norm = guarded_update(model, optimizer, scheduler, losses["loss"], cfg.optim.grad_clip, env)
         step += 1
         guard.update(bad, step, last_ckpt)
         window["samples"] += sum(b["pixels"].shape[0] for b in micro) * env.world_size

@@ -44,8 +44,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from train.common import (NonFiniteGuard, OptimConfig, RunLogger, TrainConfig, all_gather_object, any_rank,
-                          autocast, barrier, build_optimizer, build_scheduler, clip_grads,
+from train.common import (NonFiniteGuard, OptimConfig, RunLogger, TrainConfig, all_gather_object,
+                          autocast, barrier, build_optimizer, build_scheduler, guarded_update,
                           cleanup_distributed, gather_model_state, init_distributed, load_training_state,
                           no_sync, save_run_info, save_training_state, seed_everything, set_threads,
                           resolve_precision, sync_replicated_grads, total_steps, global_mean,
@@ -314,13 +314,7 @@ def _train(cfg: PretrainConfig, env) -> dict:
         micro = [next_batch() for _ in range(cfg.optim.accum_steps)]
         losses = contrastive_step(train_model, loss_fn, micro, env=env, precision=cfg.train.precision)
         sync_replicated_grads(model, env)
-        grad_norm = clip_grads(model, cfg.optim.grad_clip)
-        bad = any_rank(not (torch.isfinite(torch.tensor(losses["loss"])) and
-                            torch.isfinite(torch.tensor(grad_norm))), env)
-        if not bad:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        bad, grad_norm = guarded_update(model, optimizer, scheduler, losses["loss"], cfg.optim.grad_clip, env)
         step += 1
         guard.update(bad, step, last_ckpt)
         n = sum(b["pixels"].shape[0] for b in micro)
