@@ -149,7 +149,7 @@ def build_tiny_llm(family: str, hidden_size: int = 32, num_layers: int = 2, num_
     tok = tokenizer if tokenizer is not None else build_tiny_tokenizer(langs, add_bos=not seq2seq, add_eos=seq2seq)
     for name, want in (("<pad>", PAD_ID), ("<s>", BOS_ID), ("</s>", EOS_ID), (IMAGE_TOKEN, None)):
         got = tok.convert_tokens_to_ids(name)
-        if got is None or got == tok.unk_token_id and name != "<unk>" or (want is not None and got != want):
+        if got is None or got == tok.unk_token_id or (want is not None and got != want):
             raise UserError(f"tiny:{family}: the tokenizer must have {name}" + (f" at id {want}" if want is not None
                             else "") + "; build it with vlm.llms.tiny.build_tiny_tokenizer")
     vocab = len(tok)
