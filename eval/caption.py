@@ -114,7 +114,8 @@ def generate_captions(model, shards, *, langs: list[str] | None = None, batch_si
 def evaluate_captions(model, shards, out_dir: str, *, name: str = "caption", metadata: dict | None = None,
                       **gen_kw) -> dict:
     """:func:`generate_captions` -> ``{out_dir}/{name}-predictions.jsonl`` -> ``caption_metrics`` -> report
-    files. Returns ``{"results": results dict, "paths": {json, markdown, png, predictions}}``."""
+    files. Returns ``{"results": results dict, "paths": {json, markdown, png, predictions}, "rows": the
+    prediction rows}`` (the rows let a caller score them further without reading the JSONL back)."""
     from eval.metrics import caption_metrics
     from eval.report import write_report
     from eval.vqa import write_jsonl
@@ -125,4 +126,4 @@ def evaluate_captions(model, shards, out_dir: str, *, name: str = "caption", met
     meta = {"data": str(shards), "n_rows": len(rows), "skipped": skipped, "predictions": pred,
             "blank_images": bool(gen_kw.get("blank_images", False)), **(metadata or {})}
     paths = write_report(res, out_dir, name, meta)
-    return {"results": res, "paths": {**paths, "predictions": pred}}
+    return {"results": res, "paths": {**paths, "predictions": pred}, "rows": rows}

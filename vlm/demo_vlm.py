@@ -141,33 +141,28 @@ def shape_accuracy(rows: list[dict]) -> dict[str, float]:
     return {lang: 100.0 * sum(h) / len(h) for lang, h in hits.items()}
 
 
-def side_by_side(image: dict, blind: dict, shape: dict | None = None, shape_blind: dict | None = None) -> dict:
+def side_by_side(image: dict, blind: dict, shape: dict[str, float], shape_blind: dict[str, float]) -> dict:
     """A results dict (``eval.report`` format) with chrF of the image model and of the blind baseline per
-    language (``chrf``, ``chrf_blind``, ``chrf_gain``; ``chrf_chance`` carries the baseline for the PNG) and,
-    when given, shape accuracy (%) of both (``shape_acc``, ``shape_acc_blind``; chance 10 %)."""
+    language (``chrf``, ``chrf_blind``, ``chrf_gain``; ``chrf_chance`` carries the baseline for the PNG) and
+    shape accuracy (%) of both (``shape_acc``, ``shape_acc_blind``; chance 10 %)."""
     per = {}
     for lang, r in image["per_language"].items():
         b = blind["per_language"].get(lang)
         if b is None:
             continue
         per[lang] = {"n": r["n"], "chrf": r["chrf"], "chrf_blind": b["chrf"], "chrf_gain": r["chrf"] - b["chrf"],
-                     "chrf_chance": b["chrf"]}
-        if shape is not None and shape_blind is not None:
-            per[lang].update(shape_acc=shape[lang], shape_acc_blind=shape_blind[lang])
-        per[lang].update(cider=r["cider"], cider_blind=b["cider"])
-    metrics = ["chrf", "chrf_blind", "chrf_gain"] + (["shape_acc", "shape_acc_blind"] if shape is not None else []) + \
-        ["cider", "cider_blind"]
+                     "chrf_chance": b["chrf"], "shape_acc": shape[lang], "shape_acc_blind": shape_blind[lang],
+                     "cider": r["cider"], "cider_blind": b["cider"]}
+    metrics = ["chrf", "chrf_blind", "chrf_gain", "shape_acc", "shape_acc_blind", "cider", "cider_blind"]
     n = max(1, len(per))
     summary = {"n_languages": len(per), "n_total": sum(r["n"] for r in per.values())}
     for m in metrics:
         summary[f"mean_{m}"] = sum(r[m] for r in per.values()) / n
     wins = sum(r["chrf_gain"] > 0 for r in per.values())
-    warnings = []
-    if shape is not None:
-        warnings.append("shape_acc: % of captions naming the drawn shape and no other (chance 10 %)")
     return {"task": "caption", "primary_metric": "chrf", "metrics": metrics, "per_language": per,
             "baseline_label": "image-blind baseline",
-            "summary": {**summary, "languages_better_than_blind": wins}, "warnings": warnings}
+            "summary": {**summary, "languages_better_than_blind": wins},
+            "warnings": ["shape_acc: % of captions naming the drawn shape and no other (chance 10 %)"]}
 
 
 def run_vlm_demo(data, out_dir: Path, *, quick: bool, steps: int | None, workers: int, no_progress: bool,
@@ -194,7 +189,6 @@ def _run(data, out_dir: Path, *, quick: bool, steps: int | None, workers: int, n
     import torch
 
     from eval.caption import evaluate_captions
-    from eval.metrics import read_jsonl
     from eval.report import write_report
     from vlm.vision_llm import VisionLLM
 
@@ -220,8 +214,7 @@ def _run(data, out_dir: Path, *, quick: bool, steps: int | None, workers: int, n
             model = VisionLLM.from_pretrained(summ["final_dir"])
             res[name] = evaluate_captions(model, data.val_spec, str(report_dir), name=name, blank_images=blind,
                                           metadata={"model": summ["final_dir"], "command": "vlm demo"}, **gen)
-            shape[name] = shape_accuracy(read_jsonl(res[name]["paths"]["predictions"],
-                                                     ("lang", "prediction", "references")))
+            shape[name] = shape_accuracy(res[name]["rows"])
     table = side_by_side(res["vlm-caption"]["results"], res["vlm-caption-blind"]["results"],
                          shape["vlm-caption"], shape["vlm-caption-blind"])
     paths = write_report(table, str(report_dir), "vlm-caption-vs-blind",
