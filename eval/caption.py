@@ -73,6 +73,7 @@ def generate_captions(model, shards, *, langs: list[str] | None = None, batch_si
                       progress: bool = False) -> tuple[list[dict], dict]:
     """Caption the first ``limit`` images of ``shards`` (all when None) in each of their reference languages
     (within ``langs``). Returns (rows ``{id, lang, prediction, references}``, skip counts by reason)."""
+    from eval.vqa import language_batches
     from vlm.data.decode import SkipStats
     from vlm.data.langs import normalize_lang
 
@@ -81,24 +82,12 @@ def generate_captions(model, shards, *, langs: list[str] | None = None, batch_si
     rows: list[dict] = []
     seen = 0
     model.eval()
-    it = caption_records(shards, model.image_preprocess, stats, default_lang)
-    while limit is None or seen < limit:
-        chunk = []
-        for s in it:
-            chunk.append(s)
-            if len(chunk) == batch_size or (limit is not None and seen + len(chunk) >= limit):
-                break
-        if not chunk:
-            break
+    samples = caption_records(shards, model.image_preprocess, stats, default_lang)
+    for chunk, pixels, by_lang in language_batches(
+            samples, batch_size, lambda s: [lg for lg in (want if want is not None else s["captions"])
+                                            if lg in s["captions"]],
+            limit=limit, device=device, blank_images=blank_images):
         seen += len(chunk)
-        pixels = torch.stack([s["pixels"] for s in chunk]).to(device)
-        if blank_images:
-            pixels = torch.full_like(pixels, 128)
-        by_lang: dict[str, list[int]] = {}
-        for i, s in enumerate(chunk):
-            for lg in (want if want is not None else s["captions"]):
-                if lg in s["captions"]:
-                    by_lang.setdefault(lg, []).append(i)
         for lg, idx in sorted(by_lang.items()):
             preds = model.generate(pixels[idx], lang=lg, task="caption", max_new_tokens=max_new_tokens,
                                    num_beams=num_beams)

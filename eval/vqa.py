@@ -26,6 +26,7 @@ capped; ``decode_image`` for the tower's geometry; ``SkipStats`` reasons) and we
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -36,7 +37,8 @@ import torch
 
 from vlm.errors import DataError
 
-__all__ = ["VQAStream", "evaluate_vqa", "generate_vqa", "majority_answer", "parse_vqa", "vqa_records"]
+__all__ = ["VQAStream", "evaluate_vqa", "generate_vqa", "language_batches", "majority_answer", "parse_vqa",
+           "vqa_records"]
 
 
 def parse_vqa(meta: dict | None, default_lang: str = "en") -> dict[str, tuple[str, list[str]]]:
@@ -207,15 +209,23 @@ def _collate(rows: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def _batches(items, n):
-    buf = []
-    for x in items:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
+def language_batches(samples, batch_size: int, langs_of, *, limit: int | None = None, device: str = "cpu",
+                     blank_images: bool = False) -> Iterator[tuple[list[dict], torch.Tensor, dict[str, list[int]]]]:
+    """The batching both generators (captions and VQA) share: the first ``limit`` of ``samples`` (all when
+    None; no record past it is decoded) in chunks of ``batch_size``, each as ``(chunk, pixels [B,3,S,S] on
+    device, {lang: [indices into chunk]})`` with the languages ``langs_of(sample)`` names for each sample, so
+    generation runs once per language per chunk. ``blank_images``: a constant grey image for every picture
+    (the image-blind baseline)."""
+    it = iter(samples if limit is None else itertools.islice(samples, max(0, limit)))
+    while chunk := list(itertools.islice(it, batch_size)):
+        pixels = torch.stack([s["pixels"] for s in chunk]).to(device)
+        if blank_images:
+            pixels = torch.full_like(pixels, 128)
+        by_lang: dict[str, list[int]] = {}
+        for i, s in enumerate(chunk):
+            for lg in langs_of(s):
+                by_lang.setdefault(lg, []).append(i)
+        yield chunk, pixels, by_lang
 
 
 @torch.no_grad()
@@ -234,20 +244,10 @@ def generate_vqa(model, shards, *, langs: list[str] | None = None, batch_size: i
     rows: list[dict] = []
     seen = 0
     model.eval()
-    for chunk in _batches(samples, batch_size):
-        if limit is not None:
-            chunk = chunk[: max(0, limit - seen)]
-        if not chunk:
-            break
+    for chunk, pixels, by_lang in language_batches(
+            samples, batch_size, lambda s: [lg for lg in s["qa"] if want is None or lg in want], limit=limit,
+            device=device, blank_images=blank_images):
         seen += len(chunk)
-        pixels = torch.stack([s["pixels"] for s in chunk]).to(device)
-        if blank_images:
-            pixels = torch.full_like(pixels, 128)
-        by_lang: dict[str, list[int]] = {}
-        for i, s in enumerate(chunk):
-            for lg in s["qa"]:
-                if want is None or lg in want:
-                    by_lang.setdefault(lg, []).append(i)
         for lg, idx in sorted(by_lang.items()):
             qs = [chunk[i]["qa"][lg][0] for i in idx]
             preds = model.generate(pixels[idx], lang=lg, task="vqa", questions=qs, max_new_tokens=max_new_tokens)
