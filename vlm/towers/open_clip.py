@@ -38,8 +38,8 @@ from open_clip.transformer import TextTransformer, VisionTransformer, lock_text_
 from torch import nn
 
 from vlm.registry import SpecError, register_family
-from vlm.towers.base import ImagePreprocess, ImageTower, TextTower, lock_layer_groups, pool_tokens
-from vlm.towers.timm import probe_num_tokens, timm_pool, timm_tokens
+from vlm.towers.base import ImagePreprocess, TextTower, lock_layer_groups, pool_tokens
+from vlm.towers.timm import ProbedImageTower, timm_pool, timm_tokens
 
 _CUSTOM_DIR: Path | None = None  # where custom model_cfg JSONs go (registered once with open_clip)
 
@@ -102,7 +102,7 @@ def _logit_init(model, loaded: bool) -> dict:
             "pretrained_logit_bias": None if bias is None else float(bias.detach().flatten()[0])}
 
 
-class OpenClipImageTower(ImageTower):
+class OpenClipImageTower(ProbedImageTower):
     """open_clip's ``model.visual``: ``pixels [B,3,S,S]`` -> tokens ``[B, N, width]`` -> ``[B, embed_dim]``."""
 
     def __init__(self, visual: nn.Module, embed_dim: int, preprocess: ImagePreprocess):
@@ -110,7 +110,6 @@ class OpenClipImageTower(ImageTower):
         self.visual = visual
         self.preprocess = preprocess
         self.embed_dim = embed_dim
-        self._num_tokens: int | None = None
         if isinstance(visual, VisionTransformer):
             self.kind, self.width = "vit", visual.transformer.width
             g = visual.grid_size
@@ -123,12 +122,6 @@ class OpenClipImageTower(ImageTower):
         else:
             raise SpecError(f"open_clip image tower of type {type(visual).__name__} is not supported")
         self._layout = "NLC"
-
-    @property
-    def num_tokens(self) -> int:
-        if self._num_tokens is None:
-            self._num_tokens = probe_num_tokens(self)
-        return self._num_tokens
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         v = self.visual

@@ -59,7 +59,21 @@ def probe_num_tokens(tower: ImageTower) -> int:
     return int(n)
 
 
-class TimmTower(ImageTower):
+class ProbedImageTower(ImageTower):
+    """An image tower whose ``num_tokens`` is found by one eval forward of a blank image the first time it is
+    asked (timm trunks, open_clip's timm towers: the count depends on the architecture's strides and heads);
+    a subclass that knows it sets ``self._num_tokens``."""
+
+    _num_tokens: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        if self._num_tokens is None:
+            self._num_tokens = probe_num_tokens(self)
+        return self._num_tokens
+
+
+class TimmTower(ProbedImageTower):
     """A timm trunk: ``pixels [B,3,S,S]`` -> tokens ``[B, N, num_features]`` -> ``[B, head_hidden_size]``."""
 
     def __init__(self, trunk: nn.Module, preprocess: ImagePreprocess):
@@ -69,13 +83,6 @@ class TimmTower(ImageTower):
         self.width = trunk.num_features
         self.embed_dim = getattr(trunk, "head_hidden_size", None) or trunk.num_features
         self._layout = "NLC"
-        self._num_tokens: int | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        if self._num_tokens is None:
-            self._num_tokens = probe_num_tokens(self)
-        return self._num_tokens
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         tokens, self._layout = timm_tokens(self.trunk, pixels)
