@@ -33,37 +33,26 @@ __all__ = ["caption_records", "evaluate_captions", "generate_captions"]
 def caption_records(shards, preprocess, stats, default_lang: str | None = None) -> Iterator[dict]:
     """Every usable sample of ``shards`` in order: ``{key, pixels uint8 [3,S,S], captions {lang: [str]}}``.
     Skipped records are counted in ``stats`` (``vlm.data.decode.SkipStats``) by reason."""
-    from vlm.data.decode import (
-        SampleSkipped,
-        decode_record,
-        expand_shards,
-        open_shard,
-        tar_records,
-    )
+    from eval.vqa import shard_records
+    from vlm.data.decode import SampleSkipped, decode_record, expand_shards
 
-    for url in expand_shards(shards):
-        try:
-            f = open_shard(url)
-        except Exception as e:  # noqa: BLE001 - counted, like the data layer
-            stats.add("shard_open_error", url=url, detail=repr(e))
+    for rec in shard_records(expand_shards(shards), stats):
+        url = rec["__url__"]
+        for note in rec.get("__notes__", []):
+            stats.add(note, key=rec["__key__"], url=url)
+        if rec["__key__"] is None:
             continue
-        with f:
-            for rec in tar_records(url, f):
-                for note in rec.get("__notes__", []):
-                    stats.add(note, key=rec["__key__"], url=url)
-                if rec["__key__"] is None:
-                    continue
-                notes: list[str] = []
-                try:
-                    s = decode_record(rec, image_size=int(preprocess.image_size), resize_mode=preprocess.resize_mode,
-                                      interpolation=preprocess.interpolation, default_lang=default_lang, notes=notes)
-                except SampleSkipped as e:
-                    if e.reason:
-                        stats.add(e.reason, key=rec["__key__"], url=url, detail=e.detail)
-                    continue
-                for note in notes:
-                    stats.add(note, key=rec["__key__"], url=url)
-                yield {"key": s["key"], "pixels": s["pixels"], "captions": s["captions"]}
+        notes: list[str] = []
+        try:
+            s = decode_record(rec, image_size=int(preprocess.image_size), resize_mode=preprocess.resize_mode,
+                              interpolation=preprocess.interpolation, default_lang=default_lang, notes=notes)
+        except SampleSkipped as e:
+            if e.reason:
+                stats.add(e.reason, key=rec["__key__"], url=url, detail=e.detail)
+            continue
+        for note in notes:
+            stats.add(note, key=rec["__key__"], url=url)
+        yield {"key": s["key"], "pixels": s["pixels"], "captions": s["captions"]}
 
 
 @torch.no_grad()

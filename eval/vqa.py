@@ -38,7 +38,7 @@ import torch
 from vlm.errors import DataError
 
 __all__ = ["VQAStream", "evaluate_vqa", "generate_vqa", "language_batches", "majority_answer", "parse_vqa",
-           "vqa_records"]
+           "shard_records", "vqa_records"]
 
 
 def parse_vqa(meta: dict | None, default_lang: str = "en") -> dict[str, tuple[str, list[str]]]:
@@ -80,10 +80,12 @@ def vqa_records(urls: list[str], preprocess, stats, *, max_pixels: int = 40_000_
                 max_member_bytes: int = 32 << 20) -> Iterator[dict]:
     """Decode every VQA sample of ``urls`` in order: ``{key, url, pixels uint8 [3,S,S], qa: {lang: (q,
     answers)}}``. Unusable records are counted in ``stats`` (a ``SkipStats``) by reason and skipped."""
-    yield from _decode(_raw(urls, stats, max_member_bytes), preprocess, stats, max_pixels)
+    yield from _decode(shard_records(urls, stats, max_member_bytes), preprocess, stats, max_pixels)
 
 
-def _raw(urls, stats, max_member_bytes):
+def shard_records(urls, stats, max_member_bytes: int = 32 << 20) -> Iterator[dict]:
+    """Every raw record (``vlm.data.decode.tar_records``) of the shards ``urls``, in order; a shard that cannot
+    be opened is counted in ``stats`` as ``shard_open_error`` and skipped. Shared by the VQA and caption readers."""
     from vlm.data.decode import open_shard, tar_records
 
     for url in urls:
@@ -163,7 +165,7 @@ class VQAStream:
         urls = list(self.urls)
         if self.cfg.shuffle_shards:
             random.Random(stable_seed(self.cfg.seed, self.epoch, "shards")).shuffle(urls)
-        recs = _raw(urls[self.rank::self.world_size], self.stats, self.cfg.max_member_bytes)
+        recs = shard_records(urls[self.rank::self.world_size], self.stats, self.cfg.max_member_bytes)
         if self.cfg.shuffle_buffer > 1:
             rng = random.Random(stable_seed(self.cfg.seed, self.epoch, "vqa", self.rank))
             recs = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_initial, rng=rng)(recs)
