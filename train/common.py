@@ -259,6 +259,26 @@ def resolve_resume_on_all_ranks(resume: str | None, ckpt_root, env: "DistEnv") -
     return path
 
 
+def open_run_dir(cfg, env: "DistEnv") -> tuple[Path, Path, str | None, str]:
+    """Start or resume a run in ``cfg.train.run_dir``, the same way for both recipes: rank 0 removes stale
+    temporary checkpoints and writes ``config.yaml`` + ``versions.json``, every rank waits for it, then gets
+    the checkpoint to resume from (:func:`resolve_resume_on_all_ranks`). Returns (run_dir, its
+    ``checkpoints`` folder, the checkpoint to resume from or None, the config as YAML for checkpoints)."""
+    import yaml
+
+    from vlm.checkpoint import clean_stale
+    from vlm.config import to_dict
+
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if env.is_main:
+        clean_stale(ckpt_root)
+        save_run_info(run_dir, cfg)
+    barrier(env)
+    resume = resolve_resume_on_all_ranks(cfg.train.resume, ckpt_root, env)
+    return run_dir, ckpt_root, resume, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
 def broadcast_object(obj: Any, env: DistEnv) -> Any:
     if not env.distributed:
         return obj

@@ -67,11 +67,10 @@ from train.common import (
     guarded_update,
     gather_model_state,
     global_mean,
-    resolve_resume_on_all_ranks,
     init_distributed,
     load_training_state,
     no_sync,
-    save_run_info,
+    open_run_dir,
     save_training_state,
     seed_everything,
     set_threads,
@@ -333,22 +332,10 @@ class _Streams:
 
 
 def _train(cfg: FinetuneConfig, env) -> dict:
-    import yaml
-
-    from vlm.checkpoint import clean_stale
-    from vlm.config import to_dict
-
     set_threads(cfg.train.threads)
     apply_mix(cfg)
     task_w = check_config(cfg)
-    run_dir = Path(cfg.train.run_dir)
-    ckpt_root = run_dir / "checkpoints"
-    if env.is_main:
-        clean_stale(ckpt_root)
-        save_run_info(run_dir, cfg)
-    barrier(env)
-    resume = resolve_resume_on_all_ranks(cfg.train.resume, ckpt_root, env)
-    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    run_dir, ckpt_root, resume, config_yaml = open_run_dir(cfg, env)
 
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = VisionLLM(cfg.model)

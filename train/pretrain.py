@@ -47,9 +47,8 @@ import torch
 from train.common import (NonFiniteGuard, OptimConfig, RunLogger, TrainConfig, all_gather_object,
                           autocast, barrier, build_optimizer, build_scheduler, guarded_update,
                           cleanup_distributed, gather_model_state, init_distributed, load_training_state,
-                          no_sync, save_run_info, save_training_state, seed_everything, set_threads,
-                          resolve_precision, sync_replicated_grads, total_steps, global_mean,
-                          resolve_resume_on_all_ranks)
+                          no_sync, open_run_dir, save_training_state, seed_everything, set_threads,
+                          resolve_precision, sync_replicated_grads, total_steps, global_mean)
 from vlm.data.wds import DataConfig, make_loader
 from vlm.errors import UserError
 from vlm.model import DualEncoder, DualEncoderConfig
@@ -236,21 +235,10 @@ def run(cfg: PretrainConfig) -> dict:
 
 
 def _train(cfg: PretrainConfig, env) -> dict:
-    from vlm.checkpoint import clean_stale
-    from vlm.config import to_dict
     from vlm.losses import build_loss
 
-    import yaml
-
     set_threads(cfg.train.threads)
-    run_dir = Path(cfg.train.run_dir)
-    ckpt_root = run_dir / "checkpoints"
-    if env.is_main:
-        clean_stale(ckpt_root)
-        save_run_info(run_dir, cfg)
-    barrier(env)
-    resume = resolve_resume_on_all_ranks(cfg.train.resume, ckpt_root, env)
-    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    run_dir, ckpt_root, resume, config_yaml = open_run_dir(cfg, env)
 
     seed_everything(cfg.train.seed)  # same init on every rank
     model = DualEncoder.from_config(cfg.model)
