@@ -84,7 +84,7 @@ def arch_config(args, out: Path) -> tuple[str, dict | None]:
 
 def build_shards(out: Path, n: int, size: int) -> str:
     sys.path.insert(0, str(ROOT))
-    from data_recipes.demo import build_demo
+    from vlm.data_recipes.demo import build_demo
 
     demo = build_demo(out, train=n, val=8, size=size, train_shards=4, val_shards=1, reuse=True)
     return demo.train_spec

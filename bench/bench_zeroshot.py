@@ -1,6 +1,6 @@
 """Benchmark: our Babel-ImageNet zero-shot evaluator vs the straightforward per-language loop.
 
-Shape: the real benchmark's files (``../shared/data/babel_imagenet``: 93 languages with their real class
+Shape: the real benchmark's files (the Babel-ImageNet files bundled with ``vlm.eval``: 93 languages with their real class
 counts, 80 prompt templates per language; synthesised with the same shapes when the files are absent),
 synthetic uint8 images spread over the 1000 ImageNet classes, and a small model of our own (width-32,
 2-layer transformer towers: ByteTokenizer text, 32 px / 4 px-patch image) -- or ``--model DIR`` for a
@@ -42,13 +42,12 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval.babel import BabelLabels, BabelPrompts, load_labels, load_prompts, render, resolve_langs, templates_for  # noqa: E402
-from eval.zeroshot import TextEmbeddingCache, embed_images, evaluate_zeroshot, l2norm, make_text_encoder  # noqa: E402
+from vlm.eval.babel import BabelLabels, BabelPrompts, load_labels, load_prompts, render, resolve_langs, templates_for  # noqa: E402
+from vlm.eval.zeroshot import TextEmbeddingCache, embed_images, evaluate_zeroshot, l2norm, make_text_encoder  # noqa: E402
 from vlm.tokenizers import ByteTokenizer  # noqa: E402
 from vlm.towers.base import ImagePreprocess  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                      "babel_imagenet")
+from vlm.eval.babel import BUNDLED_DIR as SHARED  # noqa: E402  the bundled Babel-ImageNet files
 DEFAULT_LANGS = "OM,AM,BR,HI"  # 18..342 classes; BR has no translated prompts (EN fallback)
 
 

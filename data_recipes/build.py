@@ -1,6 +1,6 @@
 """Build a webdataset shard set from a rows file (JSONL / CSV / TSV) or an image folder.
 
-    from data_recipes.build import build_from_rows, build_from_folder
+    from vlm.data_recipes.build import build_from_rows, build_from_folder
     result = build_from_rows("captions.jsonl", "shards/", max_count=1000)
     result = build_from_folder("imagenet_like/", "shards/", lang="de", shuffle_seed=0)
 
@@ -374,7 +374,7 @@ def _parse_vqa_row(row: dict, default_lang: str | None) -> dict[str, tuple[str, 
     {} for a row without one. A question whose answers are missing or unusable is a ``bad_row``."""
     if row.get("question") in (None, ""):
         return {}
-    from eval.vqa import parse_vqa
+    from vlm.eval.vqa import parse_vqa
     from vlm.data.decode import SampleSkipped
     from vlm.data.langs import UnknownLanguage, normalize_lang
 

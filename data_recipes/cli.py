@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_build(args) -> int:
     from pathlib import Path
 
-    from data_recipes import build
+    from vlm.data_recipes import build
     from vlm.errors import DataError
 
     if args.max_count < 1:
@@ -181,7 +181,7 @@ def _summary(result) -> str:
 
 
 def _run_inspect(args) -> int:
-    from data_recipes.inspect import format_report, inspect_shards
+    from vlm.data_recipes.inspect import format_report, inspect_shards
 
     report = inspect_shards(args.spec, examples=args.examples, max_shards=args.max_shards)
     if args.json:
@@ -195,7 +195,7 @@ def _run_inspect(args) -> int:
 def _run_demo(args) -> int:
     import time
 
-    from data_recipes.demo import build_demo, describe
+    from vlm.data_recipes.demo import build_demo, describe
 
     t0 = time.perf_counter()
     langs = [x.strip() for x in args.langs.split(",") if x.strip()] if args.langs else None

@@ -1,6 +1,6 @@
 """The embedded demo dataset: a multilingual image-text shard set drawn by code, in seconds, offline.
 
-    from data_recipes.demo import build_demo
+    from vlm.data_recipes.demo import build_demo
     demo = build_demo("demo_data")            # train 3000 / val 500 images, 64 px, seed 0
     demo.train_spec  # ".../train/train-{000000..000005}.tar"  (for DataConfig.shards)
     demo.labels      # .../labels.json   Babel-ImageNet format {"EN": [[0..9], ["circle", ...]], "DE": ...}
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_recipes.build import ShardSetWriter, prepare_out_dir, write_json_atomic
+from vlm.data_recipes.build import ShardSetWriter, prepare_out_dir, write_json_atomic
 from vlm.errors import UserError
 
 TEXT_FILE = Path(__file__).with_name("demo_langs.yaml")

@@ -1,6 +1,6 @@
 """Inspect a shard set safely: counts per language and member type, sizes, examples, broken shards.
 
-    from data_recipes.inspect import inspect_shards, format_report
+    from vlm.data_recipes.inspect import inspect_shards, format_report
     report = inspect_shards("shards/")                     # a dir, a glob, a brace range, a list, "a::b"
     print(format_report(report))
 

@@ -1,6 +1,6 @@
 """Reading the Babel-ImageNet benchmark's own files (and files in the same format).
 
-Formats (see ``/work/shared/data/babel_imagenet/README.md``):
+Formats (see ``benchmarks/babel_imagenet/README.md`` beside this file):
 
 * labels file (``babel_imagenet-93.json``): ``{LANG: [class_indices, labels]}``; ``class_indices`` are
   ImageNet-1k indices of the classes that have a label in ``LANG``, ``labels[i]`` names
@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from vlm.errors import DataError, UserError
 
 MODES = ("label", "en", "translated")
-SHARED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir,
-                          "shared", "data", "babel_imagenet")
-"""``../shared/data/babel_imagenet`` relative to the repository root (where the project keeps the files)."""
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "babel_imagenet")
+"""The Babel-ImageNet label and prompt files (MIT licence), shipped as package data of ``vlm.eval``."""
+BUNDLED_LABELS = os.path.join(BUNDLED_DIR, "babel_imagenet-93.json")
+BUNDLED_PROMPTS = os.path.join(BUNDLED_DIR, "prompts-nllb-90.json")
 
 
 class UnknownBabelLanguage(UserError):
@@ -75,8 +76,8 @@ def norm_code(code: str) -> str:
 
 def _read_json(path: str, what: str):
     if not os.path.isfile(path):
-        raise DataError(f"{what} file not found: {path}. Give an existing path (the Babel-ImageNet files live "
-                        f"in ../shared/data/babel_imagenet/, the demo's labels.json next to its shards).")
+        raise DataError(f"{what} file not found: {path}. Give an existing path (the Babel-ImageNet files ship "
+                        f"in {BUNDLED_DIR}, the demo's labels.json lies next to its shards).")
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -157,7 +158,7 @@ def templates_for(lang: str, mode: str, prompts: BabelPrompts | None) -> tuple[l
         return ["{}"], "label", None
     if prompts is None:
         raise UserError(f"mode {mode!r} needs a prompts file (--prompts), e.g. "
-                        f"../shared/data/babel_imagenet/prompts-nllb-90.json; or use --mode label")
+                        f"{BUNDLED_PROMPTS}; or use --mode label")
     if "en" not in prompts.templates:
         raise DataError(f"prompts file {prompts.path} has no EN templates, needed for mode {mode!r} "
                         f"(and as the fallback of mode 'translated')")
@@ -176,7 +177,7 @@ def render(template: str, label: str) -> str:
 
 def default_labels_path(explicit: str | None, images: str | None = None) -> str:
     """The labels file to use: the explicit one, else a ``labels.json`` next to the image shards/folder
-    (the demo dataset writes one), else the shared Babel-ImageNet file."""
+    (the demo dataset writes one), else the Babel-ImageNet file shipped with the package."""
     if explicit:
         return explicit
     if images:
@@ -185,8 +186,7 @@ def default_labels_path(explicit: str | None, images: str | None = None) -> str:
                                                                     "labels.json")):
             if os.path.isfile(cand):
                 return cand
-    cand = os.path.normpath(os.path.join(SHARED_DIR, "babel_imagenet-93.json"))
-    if os.path.isfile(cand):
-        return cand
-    raise UserError("no labels file found: pass --labels FILE (Babel-ImageNet format, e.g. "
-                    "../shared/data/babel_imagenet/babel_imagenet-93.json or the demo's labels.json)")
+    if os.path.isfile(BUNDLED_LABELS):
+        return BUNDLED_LABELS
+    raise UserError(f"no labels file found (the bundled {BUNDLED_LABELS} is missing from this installation): "
+                    "pass --labels FILE (Babel-ImageNet format, or the demo's labels.json)")

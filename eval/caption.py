@@ -1,6 +1,6 @@
 """Captioning evaluation of a vision-LLM on shards, per language: generate, score, report.
 
-    from eval.caption import evaluate_captions
+    from vlm.eval.caption import evaluate_captions
     out = evaluate_captions(VisionLLM.from_pretrained(dir), "val/val-{000000..000001}.tar", "eval_out",
                             langs=["en", "de", "zh"])
     out["results"]["per_language"]["de"]["chrf"]
@@ -33,7 +33,7 @@ __all__ = ["caption_records", "evaluate_captions", "generate_captions"]
 def caption_records(shards, preprocess, stats, default_lang: str | None = None) -> Iterator[dict]:
     """Every usable sample of ``shards`` in order: ``{key, pixels uint8 [3,S,S], captions {lang: [str]}}``.
     Skipped records are counted in ``stats`` (``vlm.data.decode.SkipStats``) by reason."""
-    from eval.vqa import shard_records
+    from vlm.eval.vqa import shard_records
     from vlm.data.decode import SampleSkipped, decode_record, expand_shards
 
     for rec in shard_records(expand_shards(shards), stats):
@@ -62,7 +62,7 @@ def generate_captions(model, shards, *, langs: list[str] | None = None, batch_si
                       progress: bool = False) -> tuple[list[dict], dict]:
     """Caption the first ``limit`` images of ``shards`` (all when None) in each of their reference languages
     (within ``langs``). Returns (rows ``{id, lang, prediction, references}``, skip counts by reason)."""
-    from eval.vqa import language_batches
+    from vlm.eval.vqa import language_batches
     from vlm.data.decode import SkipStats
     from vlm.data.langs import normalize_lang
 
@@ -94,9 +94,9 @@ def evaluate_captions(model, shards, out_dir: str, *, name: str = "caption", met
     """:func:`generate_captions` -> ``{out_dir}/{name}-predictions.jsonl`` -> ``caption_metrics`` -> report
     files. Returns ``{"results": results dict, "paths": {json, markdown, png, predictions}, "rows": the
     prediction rows}`` (the rows let a caller score them further without reading the JSONL back)."""
-    from eval.metrics import caption_metrics
-    from eval.report import write_report
-    from eval.vqa import write_jsonl
+    from vlm.eval.metrics import caption_metrics
+    from vlm.eval.report import write_report
+    from vlm.eval.vqa import write_jsonl
 
     rows, skipped = generate_captions(model, shards, **gen_kw)
     pred = write_jsonl(rows, os.path.join(out_dir, f"{name}-predictions.jsonl"))

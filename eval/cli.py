@@ -32,8 +32,8 @@ from vlm.errors import DataError, UserError
 
 EPILOG = """examples:
   vlm eval zeroshot --model runs/demo/final --images demo/val/val-{000000..000000}.tar --mode translated
-  vlm eval zeroshot --model M --image-folder imagenet/val --labels ../shared/data/babel_imagenet/babel_imagenet-93.json \\
-      --prompts ../shared/data/babel_imagenet/prompts-nllb-90.json --langs de,zh,hi --mode en
+  vlm eval zeroshot --model M --image-folder imagenet/val --labels babel_imagenet-93.json \\
+      --prompts prompts-nllb-90.json --langs de,zh,hi --mode en
   vlm eval retrieval --model runs/demo/final --shards 'demo/val/*.tar' --langs en,de,zh
   vlm eval caption --predictions captions.jsonl      (rows {id, lang, prediction, references: [...]})
   vlm eval vqa --predictions answers.jsonl           (rows {id, lang, prediction, answers: [...]})
@@ -67,9 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--image-folder", help="ImageNet-style folder: <dir>/<class folder>/<image>")
     z.add_argument("--class-map", help="JSON {folder name: class id} for --image-folder (default: sorted order)")
     z.add_argument("--labels", help="labels file {LANG: [class_indices, labels]} (default: labels.json beside "
-                                    "the images, else ../shared/data/babel_imagenet/babel_imagenet-93.json)")
+                                    "the images, else the bundled Babel-ImageNet babel_imagenet-93.json)")
     z.add_argument("--prompts", help="prompts file {LANG: [templates]} (default: prompts.json beside the labels, "
-                                     "else ../shared/data/babel_imagenet/prompts-nllb-90.json)")
+                                     "else the bundled Babel-ImageNet prompts-nllb-90.json)")
     z.add_argument("--mode", choices=("label", "en", "translated"), default="translated",
                    help="label only, English templates, or translated templates (default)")
     z.add_argument("--langs", default="all", help="comma-separated language codes, any case (default: all)")
@@ -147,7 +147,7 @@ def _metadata(args, **extra) -> dict:
 
 
 def _finish(results: dict, args, name: str, meta: dict) -> int:
-    from eval.report import write_report
+    from vlm.eval.report import write_report
 
     paths = write_report(results, args.out, args.name or name, meta)
     with open(paths["markdown"], encoding="utf-8") as f:
@@ -158,8 +158,8 @@ def _finish(results: dict, args, name: str, meta: dict) -> int:
 
 # ------------------------------------------------------------------------------------------------ commands
 def run_zeroshot(args) -> int:
-    from eval.babel import default_labels_path, load_labels, load_prompts, resolve_langs
-    from eval.zeroshot import (ImageFolderDataset, TextEmbeddingCache, embed_images, evaluate_zeroshot,
+    from vlm.eval.babel import default_labels_path, load_labels, load_prompts, resolve_langs
+    from vlm.eval.zeroshot import (ImageFolderDataset, TextEmbeddingCache, embed_images, evaluate_zeroshot,
                                folder_batches, make_text_encoder, model_fingerprint)
 
     images = args.images or args.image_folder
@@ -206,21 +206,19 @@ def run_zeroshot(args) -> int:
 
 
 def _default_prompts(labels_path: str) -> str:
-    from eval.babel import SHARED_DIR
+    from vlm.eval.babel import BUNDLED_PROMPTS
 
-    for cand in (os.path.join(os.path.dirname(labels_path), "prompts.json"),
-                 os.path.normpath(os.path.join(SHARED_DIR, "prompts-nllb-90.json"))):
+    for cand in (os.path.join(os.path.dirname(labels_path), "prompts.json"), BUNDLED_PROMPTS):
         if os.path.isfile(cand):
             return cand
-    raise UserError("no prompts file found: pass --prompts FILE (e.g. ../shared/data/babel_imagenet/"
-                    "prompts-nllb-90.json) or use --mode label")
+    raise UserError("no prompts file found: pass --prompts FILE (Babel-ImageNet format) or use --mode label")
 
 
 def run_retrieval(args) -> int:
     import torch
 
-    from eval.retrieval import evaluate_retrieval, read_captions
-    from eval.zeroshot import embed_images, make_text_encoder, model_fingerprint
+    from vlm.eval.retrieval import evaluate_retrieval, read_captions
+    from vlm.eval.zeroshot import embed_images, make_text_encoder, model_fingerprint
 
     captions = read_captions(args.shards)
     if not captions:
@@ -249,7 +247,7 @@ def run_retrieval(args) -> int:
 
 
 def run_metrics(args) -> int:
-    from eval.metrics import caption_metrics, read_jsonl, vqa_metrics
+    from vlm.eval.metrics import caption_metrics, read_jsonl, vqa_metrics
 
     if args.model:
         return _generate_and_score(args)
@@ -280,10 +278,10 @@ def _generate_and_score(args) -> int:
     meta = _metadata(args, model=os.path.abspath(args.model))
     name = args.name or args.eval_task
     if args.eval_task == "caption":
-        from eval.caption import evaluate_captions
+        from vlm.eval.caption import evaluate_captions
         out = evaluate_captions(model, args.shards, args.out, name=name, metadata=meta, **kw)
     else:
-        from eval.vqa import evaluate_vqa
+        from vlm.eval.vqa import evaluate_vqa
         out = evaluate_vqa(model, args.shards, args.out, name=name, metadata=meta, **kw)
     with open(out["paths"]["markdown"], encoding="utf-8") as f:
         print(f.read())
@@ -292,7 +290,7 @@ def _generate_and_score(args) -> int:
 
 
 def run_compare(args) -> int:
-    from eval.report import compare_reports
+    from vlm.eval.report import compare_reports
 
     table = compare_reports(args.reports, args.metric)
     print(table)

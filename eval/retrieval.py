@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from eval.zeroshot import l2norm, true_class_rank
+from vlm.eval.zeroshot import l2norm, true_class_rank
 from vlm.errors import DataError
 
 KS = (1, 5, 10)

@@ -279,8 +279,8 @@ def evaluate_vqa(model, shards, out_dir: str, *, name: str = "vqa", metadata: di
                  **gen_kw) -> dict:
     """:func:`generate_vqa` -> ``{out_dir}/{name}-predictions.jsonl`` -> ``vqa_metrics`` -> report files.
     Returns ``{"results": results dict, "paths": {json, markdown, png, predictions}}``."""
-    from eval.metrics import vqa_metrics
-    from eval.report import write_report
+    from vlm.eval.metrics import vqa_metrics
+    from vlm.eval.report import write_report
 
     rows, skipped = generate_vqa(model, shards, **gen_kw)
     pred = write_jsonl(rows, os.path.join(out_dir, f"{name}-predictions.jsonl"))

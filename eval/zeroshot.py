@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from eval.babel import BabelLabels, BabelPrompts, norm_code, render, resolve_langs, templates_for
+from vlm.eval.babel import BabelLabels, BabelPrompts, norm_code, render, resolve_langs, templates_for
 from vlm.errors import DataError, UserError
 
 EncodeTexts = Callable[[list], torch.Tensor]

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 from PIL import Image
 
-from data_recipes.demo import (
+from vlm.data_recipes.demo import (
     all_captions,
     build_demo,
     caption_mentions,
@@ -139,7 +139,7 @@ def test_reuse_and_cli(tmp_path, capsys):
 
 def test_demo_streams_through_the_data_pipeline(demo):
     """The demo shards read back through vlm.data.wds with nothing skipped."""
-    wds = pytest.importorskip("vlm.data.wds")
+    import vlm.data.wds as wds
     from vlm.tokenizers import ByteTokenizer
     from vlm.towers.base import ImagePreprocess
 
@@ -169,7 +169,7 @@ def test_caption_mentions_reads_class_and_colour_back_from_every_caption():
 
 
 def test_demo_samples_carry_a_vqa_pair_in_every_language(demo):
-    from eval.vqa import vqa_records
+    from vlm.eval.vqa import vqa_records
     from vlm.data.decode import SkipStats
     from vlm.towers.base import ImagePreprocess
 

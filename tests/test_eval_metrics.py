@@ -8,7 +8,7 @@ import unicodedata
 
 import pytest
 
-from eval.metrics import (bleu, bleu_tokenize, caption_metrics, caption_tokens, chrf, cider_d, exact_match,
+from vlm.eval.metrics import (bleu, bleu_tokenize, caption_metrics, caption_tokens, chrf, cider_d, exact_match,
                           normalize_vqa_answer, read_jsonl, relaxed_match, vqa_accuracy, vqa_metrics)
 from vlm.errors import DataError
 
@@ -140,8 +140,8 @@ def test_per_language_from_jsonl(tmp_path):
 @pytest.mark.slow
 def test_cli_caption_generated_by_saved_vision_llm(tmp_path):
     """`vlm eval caption --model DIR --shards ...`: a saved tiny vision-LLM generates, then the metrics score."""
-    vllm = pytest.importorskip("vlm.vision_llm")
-    demo_mod = pytest.importorskip("data_recipes.demo")
+    import vlm.vision_llm as vllm
+    import vlm.data_recipes.demo as demo_mod
     from vlm.cli import main
 
     vllm.VisionLLM(vllm.VisionLLMConfig()).save_pretrained(tmp_path / "vllm")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from eval.report import compare_reports, load_report, to_markdown, write_report
+from vlm.eval.report import compare_reports, load_report, to_markdown, write_report
 from vlm.errors import DataError
 
 

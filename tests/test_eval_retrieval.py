@@ -9,7 +9,7 @@ import tarfile
 import pytest
 import torch
 
-from eval.retrieval import _i2t_chance, evaluate_retrieval, read_captions, retrieval_recall
+from vlm.eval.retrieval import _i2t_chance, evaluate_retrieval, read_captions, retrieval_recall
 
 E = torch.eye(3)
 

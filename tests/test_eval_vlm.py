@@ -1,5 +1,5 @@
 """Caption / VQA evaluation from a vision-LLM over shards (eval.caption, eval.vqa, `vlm eval caption|vqa
---model`), the VQA training stream, and the demo's vision-LLM stage (vlm.demo_vlm)."""
+--model`), the VQA training stream, and the demo's vision-LLM stage (vlm.cli.demo_vlm)."""
 import io
 import json
 from pathlib import Path
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.caption import evaluate_captions, generate_captions
-from eval.vqa import VQAStream, evaluate_vqa, majority_answer, parse_vqa
+from vlm.eval.caption import evaluate_captions, generate_captions
+from vlm.eval.vqa import VQAStream, evaluate_vqa, majority_answer, parse_vqa
 from vlm.adapters.lora import LoraAdapter
 from vlm.data.decode import SampleSkipped
 from vlm.data.wds import DataConfig
@@ -19,7 +19,7 @@ LANGS = ["en", "de", "zh"]
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from data_recipes.demo import build_demo
+    from vlm.data_recipes.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo"), train=40, val=12, size=32, train_shards=1, val_shards=1,
                       langs=LANGS)
@@ -116,7 +116,7 @@ def test_vqa_stream_resume_is_exact(tmp_path, model_dir):
 
 
 def test_demo_vlm_quick(demo, tmp_path):
-    from vlm.demo_vlm import run_vlm_demo
+    from vlm.cli.demo_vlm import run_vlm_demo
 
     out = run_vlm_demo(demo, tmp_path / "out", quick=True, steps=2, workers=0, no_progress=True)
     assert set(out["per_language"]) == set(LANGS)
@@ -137,8 +137,8 @@ def test_demo_vlm_quick(demo, tmp_path):
 def test_demo_llm_is_a_reusable_transformers_dir_with_a_corpus_tokenizer(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data_recipes.demo import all_captions
-    from vlm.demo_vlm import build_demo_llm
+    from vlm.data_recipes.demo import all_captions
+    from vlm.cli.demo_vlm import build_demo_llm
 
     d = build_demo_llm(tmp_path / "llm", ["en", "de"])
     tok = AutoTokenizer.from_pretrained(d)  # plain transformers reads it
@@ -152,7 +152,7 @@ def test_demo_llm_is_a_reusable_transformers_dir_with_a_corpus_tokenizer(tmp_pat
 
 
 def test_shape_accuracy_counts_captions_naming_the_drawn_shape_only():
-    from vlm.demo_vlm import shape_accuracy
+    from vlm.cli.demo_vlm import shape_accuracy
 
     refs = ["a photo of the circle.", "the red circle."]
     rows = [{"lang": "en", "prediction": "a drawing of the circle.", "references": refs},

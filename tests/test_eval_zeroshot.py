@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from eval.babel import (UnknownBabelLanguage, load_labels, load_prompts,
+from vlm.eval.babel import (UnknownBabelLanguage, load_labels, load_prompts,
                         resolve_langs, templates_for)
-from eval.zeroshot import (ImageFolderDataset, TextEmbeddingCache, class_embeddings, embed_images,
+from vlm.eval.zeroshot import (ImageFolderDataset, TextEmbeddingCache, class_embeddings, embed_images,
                            evaluate_zeroshot, folder_batches, score_language)
 from vlm.errors import DataError
 
@@ -248,16 +248,15 @@ def test_embed_images_once_and_only_needed_classes():
 
 def test_cli_wiring_on_demo_shards(tmp_path, monkeypatch):
     """`vlm eval zeroshot|retrieval` end to end on the demo shards through the data layer, with a fake model."""
-    pytest.importorskip("vlm.data.wds")
-    demo_mod = pytest.importorskip("data_recipes.demo")
-    import eval.cli
+    import vlm.data_recipes.demo as demo_mod
+    import vlm.eval.cli
     from vlm.cli import main
 
     demo = demo_mod.build_demo(tmp_path / "demo", train=2, val=16, size=32, train_shards=1, val_shards=2,
                                langs=["en", "de", "zh", "ja", "ar"])
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
-    monkeypatch.setattr(eval.cli, "load_model", lambda path, device="cpu": FakeModel().eval())
+    monkeypatch.setattr(vlm.eval.cli, "load_model", lambda path, device="cpu": FakeModel().eval())
     spec = str(demo.val[0].parent / "val-{000000..000001}.tar")
     out = tmp_path / "out"
     argv = ["eval", "zeroshot", "--model", str(tmp_path / "model"), "--images", spec, "--out", str(out),
@@ -283,7 +282,7 @@ def test_cli_wiring_on_demo_shards(tmp_path, monkeypatch):
 def test_cli_image_folder(tmp_path, monkeypatch):
     from PIL import Image
 
-    import eval.cli
+    import vlm.eval.cli
     from vlm.cli import main
 
     for name, color in (("red_thing", (250, 0, 0)), ("blue_thing", (0, 0, 250))):
@@ -295,7 +294,7 @@ def test_cli_image_folder(tmp_path, monkeypatch):
     cmap = write_json(tmp_path / "map.json", {"red_thing": 4, "blue_thing": 9})
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "w.safetensors").write_bytes(b"x")
-    monkeypatch.setattr(eval.cli, "load_model", lambda path, device="cpu": FakeModel().eval())
+    monkeypatch.setattr(vlm.eval.cli, "load_model", lambda path, device="cpu": FakeModel().eval())
     assert main(["eval", "zeroshot", "--model", str(tmp_path / "model"), "--image-folder", str(tmp_path / "imgs"),
                  "--class-map", cmap, "--labels", labels, "--mode", "label", "--out", str(tmp_path / "o"),
                  "--workers", "0", "--cache-dir", "none", "--no-progress", "--precision", "bf16"]) == 0
@@ -309,8 +308,8 @@ def test_cli_image_folder(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_cli_with_saved_dual_encoder(tmp_path):
     """The user path: a DualEncoder saved with save_pretrained, loaded by `vlm eval` (vlm.model.load_model)."""
-    model_mod = pytest.importorskip("vlm.model")
-    demo_mod = pytest.importorskip("data_recipes.demo")
+    import vlm.model as model_mod
+    import vlm.data_recipes.demo as demo_mod
     from vlm.cli import main
 
     model = model_mod.DualEncoder.from_config(model_mod.DualEncoderConfig())

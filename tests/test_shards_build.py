@@ -7,8 +7,8 @@ import tarfile
 import pytest
 from PIL import Image
 
-from data_recipes.build import build_from_folder, build_from_rows
-from data_recipes.inspect import expand_shards, inspect_shards
+from vlm.data_recipes.build import build_from_folder, build_from_rows
+from vlm.data_recipes.inspect import expand_shards, inspect_shards
 from vlm.cli import main
 from vlm.errors import DataError
 
@@ -157,7 +157,7 @@ def test_build_errors_and_atomic_outputs(tmp_path, rows_dir):
 
 
 def test_interrupted_build_leaves_no_half_shard(rows_dir, tmp_path, monkeypatch):
-    import data_recipes.build as build
+    import vlm.data_recipes.build as build
 
     real, calls = build.read_image, []
 
@@ -206,8 +206,8 @@ def test_inspect_counts_and_broken_shards(rows_dir, tmp_path):
 
 
 def test_default_pixel_limit_matches_the_reader():
-    wds = pytest.importorskip("vlm.data.wds")
-    from data_recipes.build import DEFAULT_MAX_PIXELS
+    import vlm.data.wds as wds
+    from vlm.data_recipes.build import DEFAULT_MAX_PIXELS
 
     assert DEFAULT_MAX_PIXELS == wds.DataConfig().max_pixels
 
@@ -232,7 +232,7 @@ def test_cli_build_and_inspect(rows_dir, tmp_path, capsys):
 
 
 def test_build_vqa_rows_read_back_by_the_vqa_reader(tmp_path):
-    from eval.vqa import vqa_records
+    from vlm.eval.vqa import vqa_records
     from vlm.data.decode import SkipStats
     from vlm.towers.base import ImagePreprocess
 

@@ -3,8 +3,8 @@ the decoupled softmax loss gets ``text_to_image``, GradCache accumulation keeps 
 import pytest
 import torch
 
-from train import pretrain
-from train.common import DistEnv
+from vlm.train import pretrain
+from vlm.train.common import DistEnv
 from vlm.config import load_config
 from vlm.errors import UserError
 from vlm.losses import build_loss
@@ -42,7 +42,7 @@ def test_gradcache_with_several_positives_equals_one_big_batch():
 
 
 def test_decoupled_run_on_multilingual_captions(tmp_path):
-    from data_recipes.demo import build_demo
+    from vlm.data_recipes.demo import build_demo
 
     demo = build_demo(tmp_path / "demo", train=96, val=16, size=32, train_shards=2, val_shards=1)
     cfg = load_config(pretrain.PretrainConfig, CONFIG, _overrides(demo, tmp_path / "run", **{

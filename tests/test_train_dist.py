@@ -19,7 +19,7 @@ pytestmark = pytest.mark.dist
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from data_recipes.demo import build_demo
+    from vlm.data_recipes.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo"), train=320, val=16, size=32, train_shards=4, val_shards=1)
 

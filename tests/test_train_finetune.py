@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import finetune
-from train.common import DistEnv
+from vlm.train import finetune
+from vlm.train.common import DistEnv
 from vlm.config import load_config
 from vlm.errors import UserError
 from vlm.vision_llm import VisionLLM
@@ -19,7 +19,7 @@ CONFIG = ROOT / "train" / "configs" / "finetune_demo.yaml"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from data_recipes.demo import build_demo
+    from vlm.data_recipes.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo"), train=96, val=16, size=32, train_shards=2, val_shards=1,
                       langs=["en", "de", "zh", "ru"])
@@ -159,7 +159,7 @@ def test_config_errors_and_mix(demo, tmp_path):
 
 
 def test_vlm_train_dispatches_finetune(demo, tmp_path):
-    from train.cli import load_recipe, resolve_task
+    from vlm.train.cli import load_recipe, resolve_task
 
     assert resolve_task(str(CONFIG), []) == "finetune"
     assert load_recipe("finetune").Config is finetune.FinetuneConfig
@@ -202,7 +202,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from train.common import DistEnv, wrap_model
+    from vlm.train.common import DistEnv, wrap_model
     from vlm.adapters.lora import LoraAdapter
     from vlm.vision_llm import VisionLLMConfig
 
@@ -242,7 +242,7 @@ def test_ddp_token_normalisation_matches_single_process(tmp_path):
     the union batch (counts all-reduced, loss divided by count / world_size)."""
     import torch.multiprocessing as mp
 
-    from train.common import free_port
+    from vlm.train.common import free_port
 
     out = tmp_path / "res.json"
     mp.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)

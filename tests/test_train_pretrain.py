@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import pretrain
-from train.common import (DistEnv, NonFiniteGuard, OptimConfig, TrainingDiverged, build_optimizer, lr_multiplier,
+from vlm.train import pretrain
+from vlm.train.common import (DistEnv, NonFiniteGuard, OptimConfig, TrainingDiverged, build_optimizer, lr_multiplier,
                           param_groups)
 from vlm.checkpoint import load_weights
 from vlm.cli import main
@@ -26,7 +26,7 @@ CONFIG = ROOT / "train" / "configs" / "pretrain_demo.yaml"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from data_recipes.demo import build_demo
+    from vlm.data_recipes.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo"), train=192, val=32, size=32, train_shards=4, val_shards=1)
 
@@ -194,7 +194,7 @@ def test_run_dir_export_and_exact_resume(demo, tmp_path):
 
 _KILL = textwrap.dedent("""
     import os, sys
-    import train.pretrain as p
+    import vlm.train.pretrain as p
     p._after_step_hook = lambda step: os._exit(9) if step == 5 else None   # dies after step 5's update
     from vlm.cli import main
     sys.exit(main(["train", sys.argv[1], *sys.argv[2:]]))

@@ -7,6 +7,10 @@
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d \\
         --rdzv_endpoint node0.example:29500 -m vlm train CONFIG train.dist=fsdp2
 
+``CONFIG`` is a path to a YAML/JSON file, or the name of a config shipped with the package
+(``vlm train pretrain_demo``, ``vlm train finetune_demo.yaml``; ``vlm train --list`` names them), so the
+recipes work from an installed wheel as well as from a checkout. A path that exists wins over a name.
+
 A recipe is a module in ``RECIPES`` that defines ``Config`` (its dataclass, whose ``task`` field names
 it) and ``run(cfg) -> dict``. Unknown task, unknown key, or a bad value is one line on stderr, exit 2.
 The file's ``task`` may also be given as an override (``task=pretrain``).
@@ -15,16 +19,47 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 
 RECIPES = {
-    "pretrain": "train.pretrain",  # contrastive pretraining of a dual encoder
-    "finetune": "train.finetune",  # vision-LLM fine-tuning
+    "pretrain": "vlm.train.pretrain",  # contrastive pretraining of a dual encoder
+    "finetune": "vlm.train.finetune",  # vision-LLM fine-tuning
 }
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The shipped recipe configs (package data of ``vlm.train``)."""
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with the package (``pretrain_demo``, ...)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(config: str) -> str:
+    """A config argument -> an existing file: the path itself, else a shipped config of that name
+    (with or without ``.yaml``, also ``train/configs/NAME.yaml`` from a checkout's README). A directory,
+    or a name that is neither, is a ConfigError that lists the shipped names."""
+    from vlm.config import ConfigError
+
+    p = Path(config)
+    if p.is_file():
+        return str(p)
+    if p.is_dir():
+        raise ConfigError(f"config {config} is a directory; pass a YAML/JSON config file or a shipped config "
+                          f"name ({', '.join(shipped_configs())})")
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if (p.parent == Path(".") or p.parent.as_posix() in ("train/configs", "configs")) and \
+            (CONFIG_DIR / f"{name}.yaml").is_file():
+        return str(CONFIG_DIR / f"{name}.yaml")
+    raise ConfigError(f"config file {config} does not exist; pass a YAML/JSON file path or a shipped config "
+                      f"name: {', '.join(shipped_configs())}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML/JSON config file; its 'task' key picks the recipe "
-                        f"({', '.join(RECIPES)})")
+    parser.add_argument("config", nargs="?", help="YAML/JSON config file, or the name of a shipped config "
+                        f"({', '.join(shipped_configs())}); its 'task' key picks the recipe ({', '.join(RECIPES)})")
+    parser.add_argument("--list", action="store_true", help="list the shipped configs and exit")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, values parsed as YAML (optim.lr=1e-4 train.resume=latest)")
     parser.epilog = ("multi-GPU/CPU: torchrun --nproc_per_node N -m vlm train CONFIG; multi-node: add "
@@ -59,8 +94,15 @@ def load_recipe(task: str):
 
 
 def run(args) -> int:
-    from vlm.config import load_config
+    from vlm.config import ConfigError, load_config
 
+    if args.list:
+        for name in shipped_configs():
+            print(f"{name:32s} {CONFIG_DIR / (name + '.yaml')}")
+        return 0
+    if not args.config:
+        raise ConfigError(f"give a config file or a shipped config name ({', '.join(shipped_configs())})")
+    args.config = resolve_config_path(args.config)
     task = resolve_task(args.config, args.overrides)
     recipe = load_recipe(task)
     cfg = load_config(recipe.Config, args.config, args.overrides)

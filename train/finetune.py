@@ -54,7 +54,7 @@ from typing import Literal, Optional
 
 import torch
 
-from train.common import (
+from vlm.train.common import (
     NonFiniteGuard,
     OptimConfig,
     RunLogger,
@@ -295,7 +295,7 @@ class _Streams:
     """The caption and VQA streams of this rank, each rolling over to its next epoch on its own."""
 
     def __init__(self, cfg: FinetuneConfig, model: VisionLLM, env, positions: dict | None):
-        from eval.vqa import VQAStream
+        from vlm.eval.vqa import VQAStream
 
         self.cfg, self.env, self.streams, self.iters = cfg, env, {}, {}
         pos = positions or {}

@@ -44,7 +44,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from train.common import (NonFiniteGuard, OptimConfig, RunLogger, TrainConfig, all_gather_object,
+from vlm.train.common import (NonFiniteGuard, OptimConfig, RunLogger, TrainConfig, all_gather_object,
                           autocast, barrier, build_optimizer, build_scheduler, guarded_update,
                           cleanup_distributed, gather_model_state, init_distributed, load_training_state,
                           no_sync, open_run_dir, save_training_state, seed_everything, set_threads,
@@ -350,7 +350,7 @@ def _train(cfg: PretrainConfig, env) -> dict:
 
 
 def _wrap(model, env, cfg):
-    from train.common import wrap_model
+    from vlm.train.common import wrap_model
 
     return wrap_model(model, env, compile=cfg.train.compile)
 

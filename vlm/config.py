@@ -209,10 +209,22 @@ def apply_overrides(cls, data: dict, overrides: list[str]) -> dict:
 
 def read_config_file(path: str | os.PathLike) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config {p} is a directory; pass a YAML or JSON file path")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist (pass a YAML or JSON file path)")
-    text = p.read_text(encoding="utf-8")
-    data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {p} is not valid YAML: {what}{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import torch
 
 from vlm.errors import UserError
-from vlm.llms.hf import IMAGE_TOKEN, LanguageModel, lang_token, resolve_dtype
+from vlm.llms.base import IMAGE_TOKEN, LanguageModel, lang_token, resolve_dtype
 from vlm.registry import register_family
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")

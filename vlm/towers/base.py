@@ -100,6 +100,31 @@ class ImageTower(_TowerMixin, nn.Module):
         return self.pool(self(pixels))
 
 
+def probe_num_tokens(tower: ImageTower) -> int:
+    """Number of tokens ``forward`` gives for one image of the tower's size (one eval forward)."""
+    s = tower.preprocess.image_size
+    was = tower.training
+    tower.eval()
+    with torch.no_grad():
+        n = tower(torch.zeros(1, 3, s, s)).shape[1]
+    tower.train(was)
+    return int(n)
+
+
+class ProbedImageTower(ImageTower):
+    """An image tower whose ``num_tokens`` is found by one eval forward of a blank image the first time it is
+    asked (timm trunks, open_clip's timm towers: the count depends on the architecture's strides and heads);
+    a subclass that knows it sets ``self._num_tokens``."""
+
+    _num_tokens: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        if self._num_tokens is None:
+            self._num_tokens = probe_num_tokens(self)
+        return self._num_tokens
+
+
 class TextTower(_TowerMixin, nn.Module):
     width: int
     embed_dim: int

@@ -39,7 +39,8 @@ from torch import nn
 
 from vlm.registry import SpecError, register_family
 from vlm.towers.base import ImagePreprocess, TextTower, lock_layer_groups, pool_tokens
-from vlm.towers.timm import ProbedImageTower, timm_pool, timm_tokens
+from vlm.towers.base import ProbedImageTower
+from vlm.towers.timm import timm_pool, timm_tokens
 
 _CUSTOM_DIR: Path | None = None  # where custom model_cfg JSONs go (registered once with open_clip)
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vlm.registry import SpecError, register_family
-from vlm.towers.base import ImagePreprocess, ImageTower
+from vlm.towers.base import ImagePreprocess, ProbedImageTower
 
 
 def timm_tokens(trunk: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -46,31 +46,6 @@ def timm_pool(trunk: nn.Module, tokens: torch.Tensor, layout: str) -> torch.Tens
         if fmt == "NCHW":
             tokens = tokens.permute(0, 3, 1, 2)
     return trunk.forward_head(tokens, pre_logits=True)
-
-
-def probe_num_tokens(tower: ImageTower) -> int:
-    """Number of tokens ``forward`` gives for one image of the tower's size (one eval forward)."""
-    s = tower.preprocess.image_size
-    was = tower.training
-    tower.eval()
-    with torch.no_grad():
-        n = tower(torch.zeros(1, 3, s, s)).shape[1]
-    tower.train(was)
-    return int(n)
-
-
-class ProbedImageTower(ImageTower):
-    """An image tower whose ``num_tokens`` is found by one eval forward of a blank image the first time it is
-    asked (timm trunks, open_clip's timm towers: the count depends on the architecture's strides and heads);
-    a subclass that knows it sets ``self._num_tokens``."""
-
-    _num_tokens: int | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        if self._num_tokens is None:
-            self._num_tokens = probe_num_tokens(self)
-        return self._num_tokens
 
 
 class TimmTower(ProbedImageTower):

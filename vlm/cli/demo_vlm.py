@@ -1,7 +1,7 @@
 """The vision-LLM stage of ``vlm demo``: LoRA fine-tuning of a tiny vision-LLM, captioning chrF and shape
 accuracy per language next to an image-blind baseline.
 
-    from vlm.demo_vlm import run_vlm_demo
+    from vlm.cli.demo_vlm import run_vlm_demo
     summary = run_vlm_demo(demo, Path("vlm_demo"), quick=False, steps=None, workers=2, no_progress=False)
     summary["mean_chrf"], summary["mean_chrf_blind"], summary["mean_shape_acc"]
 
@@ -39,9 +39,9 @@ from vlm.errors import UserError
 
 
 def finetune_config_path() -> Path:
-    import train
+    from vlm.train.cli import CONFIG_DIR
 
-    return Path(train.__file__).resolve().parent / "configs" / "finetune_demo.yaml"
+    return CONFIG_DIR / "finetune_demo.yaml"
 
 
 DEMO_LLM = {"family": "llama", "hidden_size": 96, "num_layers": 2, "num_heads": 4, "vocab_size": 2048}
@@ -50,7 +50,7 @@ DEMO_LLM = {"family": "llama", "hidden_size": 96, "num_layers": 2, "num_heads": 
 def demo_llm_corpus(langs: list[str]) -> list[str]:
     """What the demo LLM's tokenizer is trained on: every demo caption in ``langs`` and the caption / VQA
     instructions the vision-LLM puts in its prompts (neutral and per language, VQA with the demo's question)."""
-    from data_recipes.demo import all_captions, demo_texts
+    from vlm.data_recipes.demo import all_captions, demo_texts
     from vlm.vision_llm import make_prompt
 
     t = demo_texts()["languages"]
@@ -100,8 +100,8 @@ def pretrained_tower_overrides(dual_encoder_dir: Path | None) -> list[str]:
 
 def _train(data, run_dir: Path, *, quick: bool, steps: int | None, workers: int, no_progress: bool,
            blind: bool, tower: list[str], llm: list[str]) -> dict:
-    from train.finetune import FinetuneConfig
-    from train.finetune import run as finetune
+    from vlm.train.finetune import FinetuneConfig
+    from vlm.train.finetune import run as finetune
     from vlm.config import load_config
 
     langs = "[" + ", ".join(data.languages) + "]"
@@ -131,7 +131,7 @@ def shape_accuracy(rows: list[dict]) -> dict[str, float]:
     """Per language, the share (%) of generated captions that name the drawn shape and no other shape.
     ``rows``: predictions ``{lang, prediction, references}``; the drawn shape is the one the references name
     (every demo caption names it, :func:`data_recipes.demo.caption_mentions`)."""
-    from data_recipes.demo import caption_mentions
+    from vlm.data_recipes.demo import caption_mentions
 
     hits: dict[str, list[bool]] = {}
     for r in rows:
@@ -188,8 +188,8 @@ def _run(data, out_dir: Path, *, quick: bool, steps: int | None, workers: int, n
          tower: list[str]) -> dict:
     import torch
 
-    from eval.caption import evaluate_captions
-    from eval.report import write_report
+    from vlm.eval.caption import evaluate_captions
+    from vlm.eval.report import write_report
     from vlm.vision_llm import VisionLLM
 
     t0 = time.time()

@@ -8,7 +8,7 @@
 3. **Evaluate**: zero-shot classification in every demo language (Babel-ImageNet protocol, translated
    prompts: ``OUT/data/labels.json`` + ``prompts.json`` are in the benchmark's own format) and per-language
    image<->text retrieval on the held-out split, through the same code as ``vlm eval``.
-4. **Vision-LLM**: ``vlm.demo_vlm.run_vlm_demo`` fine-tunes a tiny vision-LLM (the image tower just
+4. **Vision-LLM**: ``vlm.cli.demo_vlm.run_vlm_demo`` fine-tunes a tiny vision-LLM (the image tower just
    pretrained, an MLP projector, a tiny multilingual Llama loaded from a transformers directory, with LoRA) to
    caption in every demo language, and scores captioning chrF and shape accuracy per language next to an
    image-blind baseline (same model and steps, grey images).
@@ -49,15 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def demo_config_path() -> Path:
-    import train
+    from vlm.train.cli import CONFIG_DIR
 
-    return Path(train.__file__).resolve().parent / "configs" / "pretrain_demo.yaml"
+    return CONFIG_DIR / "pretrain_demo.yaml"
 
 
 def run(args) -> int:
-    from data_recipes.demo import build_demo
-    from train.pretrain import PretrainConfig
-    from train.pretrain import run as pretrain
+    from vlm.data_recipes.demo import build_demo
+    from vlm.train.pretrain import PretrainConfig
+    from vlm.train.pretrain import run as pretrain
     from vlm.cli import main as vlm_main
     from vlm.config import load_config
 
@@ -101,7 +101,7 @@ def run(args) -> int:
         return rc
     vlm_summary = None
     if not args.skip_vlm:
-        from vlm.demo_vlm import run_vlm_demo
+        from vlm.cli.demo_vlm import run_vlm_demo
 
         print(f"[4/4] fine-tuning a tiny vision-LLM with LoRA to caption in {len(demo.languages)} languages "
               f"(and an image-blind baseline) -> {out / 'vlm_run'}", flush=True)

@@ -1,0 +1,124 @@
+"""Saving and loading a vision-LLM directory (format ``vlm.vision_llm/1``).
+
+``config.json`` (format, the model config, what was saved, fingerprints), ``projector.safetensors``,
+``tower.safetensors`` (unless the tower is frozen and ``save_frozen_tower`` is off), the LLM adapter in
+peft's own format under ``adapter/`` (a user can load it with ``PeftModel.from_pretrained``), or the full
+LLM under ``llm/`` (trained in full, or LoRA merged). Frozen parts are rebuilt from their spec; a
+fingerprint (evenly spaced weight values) saved in ``config.json`` catches a spec that no longer gives the
+weights the model was trained with.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlm import registry
+from vlm.config import from_dict, to_dict
+from vlm.errors import UserError
+from vlm.llms.hf import load_hf_llm
+
+FORMAT = "vlm.vision_llm/1"
+
+
+def fingerprint(module: nn.Module, k: int = 8) -> dict[str, list[float]]:
+    """Per weight tensor, ``k`` evenly spaced values (adapter parameters excluded, peft's wrapper names
+    undone), to recognise the same weights after a rebuild, also in another dtype."""
+    out = {}
+    for name, p in module.named_parameters():
+        if any(t in name for t in ("lora_", "prompt_encoder", "modules_to_save")):
+            continue
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, steps=min(k, flat.numel())).long()
+        out[name.replace(".base_layer", "").replace(".original_module", "")] = flat[idx].float().tolist()
+    return out
+
+
+def save_vision_llm(model, path) -> Path:
+    """``model.save_pretrained(path)``: see the module docstring. Returns the directory."""
+    from safetensors.torch import save_model
+
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    cfg = to_dict(model.config)
+    tower_saved = model.config.mode("tower") == "full" or model.config.save_frozen_tower
+    llm_weights = None
+    if model._llm_state == "adapter":
+        model.llm.model.save_pretrained(p / "adapter")
+    elif model._llm_state == "merged" or model.config.mode("llm") == "full":
+        model.llm.save_pretrained(p / "llm")
+        llm_weights = "llm"
+        if model._llm_state == "merged":
+            cfg["trainable"]["llm"] = "frozen"
+    save_model(model.projector, str(p / "projector.safetensors"))
+    if tower_saved:
+        save_model(model.tower, str(p / "tower.safetensors"))
+    meta = {"format": FORMAT, "config": cfg, "num_image_tokens": model.num_image_tokens,
+            "llm_weights": llm_weights, "tower_saved": tower_saved,
+            "fingerprints": {"tower": None if tower_saved else fingerprint(model.tower),
+                             "llm": None if llm_weights else fingerprint(model.llm.base_model)}}
+    tmp = p / "config.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(p / "config.json")
+    return p
+
+
+def load_vision_llm(model_cls, path, *, dtype: str | None = None, trainable: bool = False,
+                    device: str | torch.device | None = None):
+    """``model_cls.from_pretrained(path)``: see the module docstring."""
+    from safetensors.torch import load_model
+
+    from vlm.vision_llm.model import VisionLLMConfig
+
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise UserError(f"{p} is not a saved vision-LLM (no config.json); pass a directory written by "
+                        "VisionLLM.save_pretrained or by vlm train")
+    meta = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{p}/config.json is not a vision-LLM config (format {meta.get('format')!r}, "
+                        f"expected {FORMAT!r})")
+    config = from_dict(VisionLLMConfig, meta["config"])
+    llm_cfg = dict(config.llm_cfg, **({"dtype": dtype} if dtype else {}))
+    if meta.get("llm_weights"):
+        llm = load_hf_llm(p / meta["llm_weights"], **{k: v for k, v in llm_cfg.items() if k == "dtype"})
+    else:
+        llm = registry.build("llm", config.llm, **llm_cfg)
+        _check_fingerprint("llm", config.llm, llm.base_model, meta["fingerprints"]["llm"])
+    tower = registry.build("tower", config.tower, **config.tower_cfg)
+    if meta.get("tower_saved"):
+        load_model(tower, str(p / "tower.safetensors"))
+    else:
+        _check_fingerprint("tower", config.tower, tower, meta["fingerprints"]["tower"])
+    mode = config.mode("llm")
+    config.trainable = {**config.trainable, "llm": "frozen" if mode in ("lora", "prompt") else mode}
+    model = model_cls(config, tower=tower, llm=llm)  # adapters are loaded below, not created fresh
+    load_model(model.projector, str(p / "projector.safetensors"))
+    if mode in ("lora", "prompt"):
+        from peft import PeftModel
+
+        if not (p / "adapter" / "adapter_config.json").is_file():
+            raise UserError(f"{p} was trained with llm={mode} but has no adapter/adapter_config.json")
+        model.llm.model = PeftModel.from_pretrained(model.llm.model, str(p / "adapter"), is_trainable=trainable)
+        model.config.trainable["llm"] = mode
+        model._llm_state = "adapter"
+    if not trainable:
+        model.requires_grad_(False)
+    model.train(trainable)
+    return model.to(device) if device is not None else model
+
+
+
+def _check_fingerprint(part: str, spec: str, module: nn.Module, saved: dict[str, list[float]]) -> None:
+    now = fingerprint(module)
+    same = now.keys() == saved.keys() and all(
+        len(a) == len(b) and all(abs(x - y) <= 1e-2 * abs(y) + 1e-3 for x, y in zip(a, b))
+        for a, b in ((now[n], saved[n]) for n in now))
+    if not same:
+        fix = "save the model with save_frozen_tower=true" if part == "tower" else "give llm_cfg its original options"
+        raise UserError(f"the {part} rebuilt from spec {spec!r} has other weights than the one this model was "
+                        f"trained with (its fingerprint in config.json differs); point the spec at the original "
+                        f"weights, or {fix}")
+
