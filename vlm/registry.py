@@ -25,8 +25,9 @@ from typing import Any, Callable
 
 KINDS = ("tower", "projector", "llm", "adapter")
 
-# Modules that register families on import. A module whose optional dependency is missing is skipped
-# (its specs then show up as unknown, with the import error in the message).
+# Modules that register families on import. Every module listed here must exist (a missing one is an
+# error, not a silently absent family); a module whose *third-party* dependency is missing is recorded as
+# unavailable (its specs then show up as unknown, with the import error in the message).
 _FAMILY_MODULES = {
     "tower": ["vlm.towers.tiny", "vlm.towers.ngram", "vlm.towers.open_clip", "vlm.towers.timm", "vlm.towers.hf",
               "vlm.towers.saved"],
@@ -82,21 +83,24 @@ def register(kind: str, name: str, *, help: str = ""):
     return deco
 
 
+class RegistryError(RuntimeError):
+    """The registry's own table is wrong (a listed family module does not exist): a bug, not a user error."""
+
+
 def _load(kind: str) -> None:
     for mod in _FAMILY_MODULES[kind]:
         if mod in _loaded:
             continue
-        _loaded.add(mod)
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
-            # Only a module that does not exist yet (or a missing optional dependency) is tolerated.
-            if e.name == mod:
-                continue  # family not built in this checkout
-            if e.name and not e.name.startswith("vlm"):
-                _import_errors[mod] = f"missing dependency: {e}"  # an optional package is absent
-            else:
-                raise
+            if e.name == mod or (e.name and mod.startswith(e.name + ".")):
+                raise RegistryError(f"vlm.registry lists {mod!r} as a {kind} family module, but there is no such "
+                                    f"module: add it or remove it from _FAMILY_MODULES[{kind!r}]") from e
+            if not e.name or e.name.split(".")[0] == "vlm":
+                raise  # a vlm module imported by the family is missing: a bug, shown as it is
+            _import_errors[mod] = f"missing dependency: {e}"  # an optional third-party package is absent
+        _loaded.add(mod)  # only after success or a recorded missing dependency: a failure is raised again
 
 
 def parse_spec(spec: str) -> tuple[str | None, str]:
