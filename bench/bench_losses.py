@@ -124,6 +124,8 @@ def _slowest(x: float, world: int) -> float:
 
 
 def measure(loss, inputs, world, repeats, kwargs, peer: bool):
+    from vlm.losses import total_loss
+
     img, txt, scale, bias = inputs
 
     def clear():  # outside the measured region: freeing old gradients is not the loss's work
@@ -132,8 +134,11 @@ def measure(loss, inputs, world, repeats, kwargs, peer: bool):
                 t.grad = None
 
     def step():
-        out = loss(img, txt, scale, bias, **kwargs)
-        (out if peer else out["contrastive_loss"]).backward()
+        if peer:  # open_clip's losses take the features positionally and return the loss
+            loss(img, txt, scale, bias, **kwargs).backward()
+        else:  # ours read the model's output dict and return a dict of named losses
+            out = {"image_features": img, "text_features": txt, "logit_scale": scale, "logit_bias": bias}
+            total_loss(loss(out, **kwargs)).backward()
 
     clear()
     _barrier(world)

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_losses_dist import Tiny, naive_decoupled, open_clip_loss
+from test_losses_dist import Tiny, naive_decoupled, on_features, open_clip_loss
 from vlm.errors import UserError
 from vlm.losses import (ClipLoss, DecoupledSoftmaxLoss, GroupedClipLoss, SigLipLoss, build_loss,
-                        grad_cache_step, total_loss)
+                        grad_cache_step, loss_terms, total_loss)
 from vlm.losses import kernels
 
 DT = torch.float64
@@ -53,7 +53,7 @@ def test_clip_matches_open_clip(impl, block_elems, local_loss, monkeypatch):
     if block_elems:  # also split the elementwise work into many row slices
         monkeypatch.setattr(kernels, "_SUB_ELEMS", 7)
     oc = open_clip_loss().ClipLoss()
-    ours = ClipLoss(local_loss=local_loss, impl=impl, block_elems=block_elems)
+    ours = on_features(ClipLoss(local_loss=local_loss, impl=impl, block_elems=block_elems))
     img, txt = feats()
     assert_same(grads_of(ours, img, txt, SCALE, BIAS), grads_of(oc, img, txt, SCALE, BIAS))
     assert_same(grads_of(ours, img, txt, SCALE), grads_of(oc, img, txt, SCALE))
@@ -65,7 +65,7 @@ def test_siglip_matches_open_clip(impl, block_elems, monkeypatch):
     if block_elems:
         monkeypatch.setattr(kernels, "_SUB_ELEMS", 7)
     oc = open_clip_loss().SigLipLoss()
-    ours = SigLipLoss(impl=impl, block_elems=block_elems)
+    ours = on_features(SigLipLoss(impl=impl, block_elems=block_elems))
     img, txt = feats(seed=1)
     assert_same(grads_of(ours, img, txt, SCALE, BIAS), grads_of(oc, img, txt, SCALE, BIAS))
     # large logits: the sigmoid terms stay finite and exact (no overflow in softplus)
@@ -92,24 +92,24 @@ def test_kernel_rows_and_sigmoid_offsets_against_autograd(monkeypatch):
 
 def test_fused_bf16_and_autocast_close_to_float32():
     img, txt = feats(n=64, e=32, dtype=torch.float32)
-    ref_v, ref_g = grads_of(ClipLoss(impl="autograd"), img, txt, torch.tensor(10.0))
-    v, g = grads_of(ClipLoss(), img.bfloat16(), txt.bfloat16(), torch.tensor(10.0))
+    ref_v, ref_g = grads_of(on_features(ClipLoss(impl="autograd")), img, txt, torch.tensor(10.0))
+    v, g = grads_of(on_features(ClipLoss()), img.bfloat16(), txt.bfloat16(), torch.tensor(10.0))
     assert v.dtype == torch.float32 and g[0].dtype == torch.bfloat16
     torch.testing.assert_close(v, ref_v, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(g[0].float(), ref_g[0], rtol=5e-2, atol=2e-3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        v2, _ = grads_of(SigLipLoss(), img, txt, torch.tensor(10.0), torch.tensor(-10.0))
-    ref2, _ = grads_of(SigLipLoss(impl="autograd"), img, txt, torch.tensor(10.0), torch.tensor(-10.0))
+        v2, _ = grads_of(on_features(SigLipLoss()), img, txt, torch.tensor(10.0), torch.tensor(-10.0))
+    ref2, _ = grads_of(on_features(SigLipLoss(impl="autograd")), img, txt, torch.tensor(10.0), torch.tensor(-10.0))
     torch.testing.assert_close(v2, ref2, rtol=1e-4, atol=1e-4)  # fused kernel runs outside autocast
 
 
 def test_no_grad_forward_and_learnable_scale():
     img, txt = feats()
     with torch.no_grad():
-        v = ClipLoss()(img, txt, SCALE)["contrastive_loss"]
+        v = on_features(ClipLoss())(img, txt, SCALE)["contrastive_loss"]
     torch.testing.assert_close(v, open_clip_loss().ClipLoss()(img, txt, SCALE), rtol=1e-12, atol=1e-12)
     log_scale = torch.nn.Parameter(torch.tensor(2.0, dtype=DT))
-    ClipLoss()(img, txt, log_scale.exp())["contrastive_loss"].backward()
+    on_features(ClipLoss())(img, txt, log_scale.exp())["contrastive_loss"].backward()
     ref = torch.nn.Parameter(torch.tensor(2.0, dtype=DT))
     open_clip_loss().ClipLoss()(img, txt, ref.exp()).backward()
     torch.testing.assert_close(log_scale.grad, ref.grad)
@@ -118,7 +118,7 @@ def test_no_grad_forward_and_learnable_scale():
 def test_labels_cache():
     img, txt = feats()
     loss = ClipLoss(impl="autograd", cache_labels=True)
-    loss(img, txt, SCALE)
+    on_features(loss)(img, txt, SCALE)
     first = loss.get_ground_truth(img.device, img.shape[0])
     assert loss.get_ground_truth(img.device, img.shape[0]) is first
     assert torch.equal(first, torch.arange(10))
@@ -129,14 +129,14 @@ def test_labels_cache():
 
 def test_decoupled_one_positive_equals_clip():
     img, txt = feats(seed=3)
-    ours = lambda i, t, s: DecoupledSoftmaxLoss()(i, t, s, text_to_image=torch.arange(10))  # noqa: E731
+    ours = lambda i, t, s: on_features(DecoupledSoftmaxLoss())(i, t, s, text_to_image=torch.arange(10))  # noqa: E731
     assert_same(grads_of(ours, img, txt, SCALE), grads_of(open_clip_loss().ClipLoss(), img, txt, SCALE))
 
 
 @pytest.mark.parametrize("impl,block_elems", [("fused", None), ("fused", 30), ("autograd", None)])
 def test_decoupled_several_positives_against_formula(impl, block_elems, monkeypatch):
     monkeypatch.setattr(kernels, "_SUB_ELEMS", 13 if block_elems else kernels._SUB_ELEMS)
-    loss = DecoupledSoftmaxLoss(impl=impl, block_elems=block_elems)
+    loss = on_features(DecoupledSoftmaxLoss(impl=impl, block_elems=block_elems))
     img, txt = feats(n=5, t=12, seed=4)
     t2i = torch.tensor([0, 1, 2, 3, 4, 0, 0, 2, 3, 3, 3, 1])
     mask = torch.zeros(5, 12, dtype=torch.bool)
@@ -160,7 +160,7 @@ def test_decoupled_several_positives_against_formula(impl, block_elems, monkeypa
 def test_decoupled_extra_positive_leaves_denominators_unchanged():
     """Image->text: a duplicate of the positive caption is one more positive, not a competing negative."""
     img, txt = feats(n=1, t=4, seed=5)  # one image; text 0 its caption, texts 1-3 negatives
-    loss = DecoupledSoftmaxLoss(directions="i2t")
+    loss = on_features(DecoupledSoftmaxLoss(directions="i2t"))
     mask = torch.tensor([[True, False, False, False]])
     base = loss(img, txt, SCALE, positive_mask=mask)["contrastive_loss"]
     dup = torch.cat([txt, txt[:1]])
@@ -175,10 +175,10 @@ def test_decoupled_extra_positive_leaves_denominators_unchanged():
 def test_decoupled_fixed_temperature_and_errors():
     img, txt = feats(n=4, t=6, seed=6)
     t2i = torch.tensor([0, 1, 2, 3, 0, 1])
-    fixed = DecoupledSoftmaxLoss(temperature=0.05)(img, txt, None, text_to_image=t2i)["contrastive_loss"]
-    learn = DecoupledSoftmaxLoss()(img, txt, torch.tensor(20.0, dtype=DT), text_to_image=t2i)["contrastive_loss"]
+    fixed = on_features(DecoupledSoftmaxLoss(temperature=0.05))(img, txt, None, text_to_image=t2i)["contrastive_loss"]
+    learn = on_features(DecoupledSoftmaxLoss())(img, txt, torch.tensor(20.0, dtype=DT), text_to_image=t2i)["contrastive_loss"]
     torch.testing.assert_close(fixed.to(DT), learn)
-    loss = DecoupledSoftmaxLoss()
+    loss = on_features(DecoupledSoftmaxLoss())
     with pytest.raises(ValueError, match="exactly one of"):
         loss(img, txt, 1.0)
     with pytest.raises(ValueError, match="local images"):
@@ -193,7 +193,7 @@ def test_decoupled_fixed_temperature_and_errors():
 
 def test_grouped_single_process_and_grad_cache_equal_full_batch():
     img, txt = feats(seed=7)
-    assert_same(grads_of(GroupedClipLoss(group_size=4), img, txt, SCALE),
+    assert_same(grads_of(on_features(GroupedClipLoss(group_size=4)), img, txt, SCALE),
                 grads_of(open_clip_loss().ClipLoss(), img, txt, SCALE))
     # GradCache over 3 micro-batches == one full batch, for every parameter of a tiny model
     g = torch.Generator().manual_seed(8)
@@ -224,9 +224,50 @@ def test_build_loss_and_errors():
         SigLipLoss(dist_impl="bidir")
     img, txt = feats()
     with pytest.raises(ValueError, match="same shape"):
-        ClipLoss()(img, txt[:5], SCALE)
+        on_features(ClipLoss())(img, txt[:5], SCALE)
     with pytest.raises(ValueError, match="logit_scale is required"):
-        SigLipLoss()(img, txt, None)
-    losses = ClipLoss()(img, txt, SCALE)
+        on_features(SigLipLoss())(img, txt, None)
+    with pytest.raises(ValueError, match="model's output dict"):
+        ClipLoss()(img)  # features instead of the model output: the message names the call
+    with pytest.raises(ValueError, match="no text_features"):
+        ClipLoss()({"image_features": img, "logit_scale": SCALE})
+    losses = on_features(ClipLoss())(img, txt, SCALE)
     assert total_loss({**losses, "acc": torch.tensor(3.0)}) == losses["contrastive_loss"]
     assert ClipLoss().comm.all_gather == 0
+
+
+def test_loss_terms_and_total_loss():
+    img, txt = feats()
+    out = {"image_features": img, "text_features": txt, "logit_scale": SCALE, "logit_bias": None,
+           "img/vq_commit_loss": torch.tensor(0.25, dtype=DT), "proj/router_weights": torch.ones(2, dtype=DT)}
+    losses = loss_terms(ClipLoss()(out), out)  # the loss reads the model output and ignores its aux entries
+    assert sorted(losses) == ["contrastive_loss", "img/vq_commit_loss"]
+    ref = on_features(ClipLoss())(img, txt, SCALE)["contrastive_loss"]
+    torch.testing.assert_close(total_loss(losses), ref + 0.25)
+    with pytest.raises(ValueError, match="appears twice"):
+        loss_terms({"contrastive_loss": ref}, {"contrastive_loss": ref})
+    with pytest.raises(ValueError, match=r"no '\*_loss' entry.*\['image_features', 'lm/n_tokens'\]"):
+        total_loss({"image_features": img, "lm/n_tokens": torch.tensor(3)})
+
+
+def test_grad_cache_step_carries_the_models_aux_losses():
+    """A model output with an ``img/reg_loss``: GradCache over 3 micro-batches == one batch whose total is the
+    contrastive loss + the mean of the micro-batches' aux losses, for every parameter."""
+    g = torch.Generator().manual_seed(9)
+    xi, xt = torch.randn(9, 5, generator=g, dtype=DT), torch.randn(9, 5, generator=g, dtype=DT)
+
+    def with_aux(model, xi, xt):
+        out = model(xi, xt)
+        return {**out, "img/reg_loss": (xi @ model.wi).pow(2).mean()}
+
+    ref = Tiny()
+    mbs = [(xi[i:i + 3], xt[i:i + 3]) for i in (0, 3, 6)]
+    reg = torch.stack([with_aux(ref, *mb)["img/reg_loss"] for mb in mbs]).mean()
+    (ClipLoss()(ref(xi, xt))["contrastive_loss"] + reg).backward()
+    model = Tiny()
+    out = grad_cache_step(lambda mb: with_aux(model, *mb), mbs, ClipLoss())
+    assert sorted(out) == ["contrastive_loss", "img/reg_loss"]
+    torch.testing.assert_close(out["img/reg_loss"], reg.detach())
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if n != "bias":
+            torch.testing.assert_close(p.grad, q.grad, msg=n)

@@ -1,14 +1,26 @@
-"""Dual-encoder contrastive losses: modules that return a dict of named losses.
+"""Dual-encoder contrastive losses: modules that read the model's output dict and return a dict of named losses.
 
-    from vlm.losses import build_loss
+    from vlm.losses import build_loss, loss_terms, total_loss
     loss_fn = build_loss("clip", local_loss=True, gather_with_grad=True)
-    out = model(pixels, input_ids, attention_mask)            # DualEncoder.forward
-    losses = loss_fn(**out)                                   # {"contrastive_loss": tensor}
-    total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+    out = model(pixels, input_ids, attention_mask)   # DualEncoder.forward: features, logit_scale/bias, aux
+    losses = loss_terms(loss_fn(out), out)           # {"contrastive_loss", "img/vq_commit_loss", ...}
+    total = total_loss(losses)                       # the sum of the *_loss entries
 
-Every module's ``forward(image_features, text_features, logit_scale, logit_bias=None, **kw)`` returns
-``{"contrastive_loss": 0-d tensor}`` (float32, or float64 for float64 features). Names for
-:func:`build_loss`:
+**Protocol.** Every loss module is called as ``loss_fn(out: Mapping[str, Tensor], **kw) -> dict[str, Tensor]``
+where ``out`` is :meth:`vlm.model.DualEncoder.forward`'s dict: it reads ``image_features [B, E]``,
+``text_features [B, E]`` (or ``[T, E]`` for the decoupled loss), ``logit_scale`` (0-d, exp'd) and
+``logit_bias`` (0-d or absent/None) and ignores every other key (the towers' namespaced aux entries);
+per-batch extras are keywords (``text_to_image=``, ``positive_mask=``). It returns
+``{"contrastive_loss": 0-d tensor}`` (float32, or float64 for float64 features).
+
+**Totals.** Parts with losses of their own (a tower's vector-quantisation commitment, a projector's balance
+loss) put them into the model's output under a namespace (``img/``, ``txt/``, ``proj/``, ``llm/``, ``vq/``)
+with a key ending in ``_loss``. :func:`loss_terms` collects the ``*_loss`` entries of the loss dict and
+the model output (a key in both is an error); :func:`total_loss` is the one place that sums them, so a new
+loss never needs an edit in a recipe. Other keys (``image_features``, diagnostics such as
+``proj/router_weights``) are never summed.
+
+Names for :func:`build_loss`:
 
 - ``"clip"``       :class:`ClipLoss` — InfoNCE; ``local_loss`` / ``gather_with_grad`` as in open_clip
 - ``"siglip"``     :class:`SigLipLoss` — sigmoid loss; ``dist_impl="ring"`` (neighbour exchange) or
@@ -44,9 +56,10 @@ from vlm.losses.decoupled import DecoupledSoftmaxLoss, build_positive_mask
 from vlm.losses.distributed import CommStats
 from vlm.losses.grouped import GroupedClipLoss, grad_cache_step
 from vlm.losses.siglip import SigLipLoss
+from vlm.losses.terms import loss_terms, model_features, total_loss
 
 __all__ = ["ClipLoss", "SigLipLoss", "DecoupledSoftmaxLoss", "GroupedClipLoss", "build_loss", "LOSSES",
-           "grad_cache_step", "build_positive_mask", "CommStats", "total_loss"]
+           "grad_cache_step", "build_positive_mask", "CommStats", "loss_terms", "model_features", "total_loss"]
 
 LOSSES = {
     "clip": ClipLoss,
@@ -73,11 +86,3 @@ def build_loss(name: str, **cfg):
         raise LossConfigError(f"loss {name!r} has no option(s) {', '.join(unknown)}; its options are "
                               f"{', '.join(params)}")
     return cls(**cfg)
-
-
-def total_loss(losses: dict) -> torch.Tensor:
-    """Sum of the values whose key ends with ``_loss``."""
-    keys = [k for k in losses if k.endswith("_loss")]
-    if not keys:
-        raise ValueError(f"no '*_loss' key in {sorted(losses)}")
-    return sum(losses[k] for k in keys)

@@ -35,6 +35,8 @@ double backward). ``logit_bias`` is accepted (shifts all logits; softmax ignores
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from vlm.losses import kernels
 from vlm.losses.distributed import (CommStats, all_gather_no_grad, all_gather_with_grad, check_equal_batch,
                                     dist_env, scale_grad)
+from vlm.losses.terms import model_features
 
 __all__ = ["ClipLoss", "check_pair"]
 
@@ -69,8 +72,8 @@ def as_scale(logit_scale, like: torch.Tensor) -> torch.Tensor:
 
 
 class ClipLoss(nn.Module):
-    """Symmetric InfoNCE. ``forward(image_features [b,E], text_features [b,E], logit_scale, logit_bias=None)
-    -> {"contrastive_loss": scalar}`` (b = local batch; features are usually L2-normalised).
+    """Symmetric InfoNCE. ``forward(out) -> {"contrastive_loss": scalar}`` with ``out["image_features"]
+    [b,E]``, ``out["text_features"] [b,E]``, ``out["logit_scale"]``, ``out.get("logit_bias")`` (b = local batch; features are usually L2-normalised).
 
     Args:
         local_loss: compute only this rank's rows (``b x N`` logits) instead of the full ``N x N``.
@@ -127,9 +130,10 @@ class ClipLoss(nn.Module):
         labels = self.get_ground_truth(a.device, a.shape[0])
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
-                logit_bias=None, **_) -> dict[str, torch.Tensor]:
-        """Returns ``{"contrastive_loss": 0-d tensor}``; see the class and module docstrings."""
+    def forward(self, out: Mapping[str, torch.Tensor], **_) -> dict[str, torch.Tensor]:
+        """``out``: the model's output dict (``image_features``, ``text_features``, ``logit_scale``,
+        ``logit_bias``) -> ``{"contrastive_loss": 0-d tensor}``; see the class and module docstrings."""
+        image_features, text_features, logit_scale, logit_bias = model_features(out, type(self).__name__)
         check_pair(image_features, text_features, type(self).__name__)
         scale = as_scale(logit_scale, image_features)
         self.comm.reset()

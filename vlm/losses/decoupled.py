@@ -35,10 +35,13 @@ the gradient convention of :mod:`vlm.losses` holds (local features get ``W * dL/
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn as nn
 
 from vlm.losses import kernels
+from vlm.losses.terms import model_features
 from vlm.losses.clip import as_scale
 from vlm.losses.distributed import (CommStats, all_gather_with_grad, all_reduce_with_grad, check_equal_batch,
                                     dist_env)
@@ -71,8 +74,8 @@ def build_positive_mask(n_images: int, n_texts: int, text_to_image: torch.Tensor
 
 
 class DecoupledSoftmaxLoss(nn.Module):
-    """``forward(image_features [b,E], text_features [t,E], logit_scale, logit_bias=None, *,
-    text_to_image=LongTensor[t] | positive_mask=bool[b,t]) -> {"contrastive_loss": scalar}``.
+    """``forward(out, *, text_to_image=LongTensor[t] | positive_mask=bool[b,t]) -> {"contrastive_loss": scalar}``
+    with ``out["image_features"] [b,E]``, ``out["text_features"] [t,E]``, ``out["logit_scale"]``.
 
     Args:
         temperature: None (use the model's logit_scale) or a fixed tau (DEXML uses 0.05).
@@ -98,10 +101,12 @@ class DecoupledSoftmaxLoss(nn.Module):
         self.group = group
         self.comm = CommStats()
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale=None,
-                logit_bias=None, *, text_to_image: torch.Tensor | None = None,
+    def forward(self, out: Mapping[str, torch.Tensor], *, text_to_image: torch.Tensor | None = None,
                 positive_mask: torch.Tensor | None = None, **_) -> dict[str, torch.Tensor]:
-        """Returns ``{"contrastive_loss": 0-d tensor}`` (the global loss on every rank)."""
+        """``out``: the model's output dict (``image_features [b, E]``, ``text_features [t, E]``,
+        ``logit_scale`` unless ``temperature`` is set, ``logit_bias``) -> ``{"contrastive_loss": 0-d tensor}``
+        (the global loss on every rank)."""
+        image_features, text_features, logit_scale, logit_bias = model_features(out, "DecoupledSoftmaxLoss")
         if (image_features.dim() != 2 or text_features.dim() != 2
                 or image_features.shape[1] != text_features.shape[1]):
             raise ValueError(f"DecoupledSoftmaxLoss: image_features [B, E] and text_features [T, E] must share "

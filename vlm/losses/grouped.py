@@ -36,6 +36,7 @@ import torch
 from vlm.losses import kernels
 from vlm.losses.clip import ClipLoss
 from vlm.losses.distributed import dist_env, subgroup
+from vlm.losses.terms import loss_terms, total_loss
 
 __all__ = ["GroupedClipLoss", "grad_cache_step"]
 
@@ -43,8 +44,7 @@ __all__ = ["GroupedClipLoss", "grad_cache_step"]
 class GroupedClipLoss(ClipLoss):
     """InfoNCE gathered within groups of ``group_size`` consecutive ranks (see the module docstring).
 
-    ``forward(image_features [b,E], text_features [b,E], logit_scale, logit_bias=None)
-    -> {"contrastive_loss": scalar}``; ``group_size=None`` means the whole world. ``local_loss`` and
+    ``forward(out) -> {"contrastive_loss": scalar}`` (``out`` as for :class:`ClipLoss`); ``group_size=None`` means the whole world. ``local_loss`` and
     ``gather_with_grad`` keep their ClipLoss meaning inside a group (default: local rows, gather with grad).
     """
 
@@ -86,46 +86,55 @@ def grad_cache_step(encode: Callable[[Any], Mapping[str, torch.Tensor]], micro_b
                     loss_kwargs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """One contrastive step over k micro-batches whose features share one loss (GradCache).
 
-    ``encode(micro_batch)`` returns the model outputs ``{"image_features": [b_m, E], "text_features":
-    [b_m, E], "logit_scale": 0-d, "logit_bias": 0-d or None}`` (``DualEncoder.forward``'s dict). The loss is
-    ``loss_fn(cat(image_features) [sum b_m, E], cat(text_features), logit_scale, logit_bias, **loss_kwargs)``
-    with the total the sum of its ``*_loss`` values. After the call each parameter's ``.grad`` holds (adds)
-    the gradient of that loss, exactly as one big batch would give (dropout and other randomness replayed
-    from the saved RNG state). ``no_sync``: e.g. ``ddp_model.no_sync``, entered for every re-forward but the
-    last, so DDP all-reduces once. Returns the loss dict, detached.
+    ``encode(micro_batch)`` returns the model output (``DualEncoder.forward``'s dict: ``image_features
+    [b_m, E]``, ``text_features [b_m, E]``, ``logit_scale``, ``logit_bias`` and the towers' namespaced aux
+    entries). The contrastive loss is ``loss_fn({image_features: cat [sum b_m, E], text_features: cat,
+    logit_scale, logit_bias}, **loss_kwargs)``; the model's own ``*_loss`` aux terms (``img/...``) enter as
+    their mean over the micro-batches (what one batch of equal micro-batches gives for per-sample means).
+    After the call each parameter's ``.grad`` holds (adds) the gradient of :func:`total_loss` of those terms,
+    exactly as one big batch would give (dropout and other randomness replayed from the saved RNG state).
+    ``no_sync``: e.g. ``ddp_model.no_sync``, entered for every re-forward but the last, so DDP all-reduces
+    once. Returns the loss terms (:func:`loss_terms`), detached.
     """
     if not micro_batches:
         raise ValueError("grad_cache_step needs at least one micro-batch")
-    states, imgs, txts = [], [], []
+    k = len(micro_batches)
+    states, imgs, txts, aux = [], [], [], {}
     with torch.no_grad():
         for mb in micro_batches:
             states.append(_rng_state())
             out = encode(mb)
             imgs.append(out["image_features"])
             txts.append(out["text_features"])
+            for key, v in loss_terms(out).items():
+                aux[key] = aux.get(key, 0.0) + v.detach() / k
     end_state = _rng_state()
     img = torch.cat(imgs).requires_grad_()
     txt = torch.cat(txts).requires_grad_()
-    scale_t, bias_t = out["logit_scale"], out.get("logit_bias")
+    scale_t, bias_t = out.get("logit_scale"), out.get("logit_bias")
     scale = scale_t.detach().requires_grad_() if torch.is_tensor(scale_t) else scale_t
     bias = bias_t.detach().requires_grad_() if torch.is_tensor(bias_t) else bias_t
     with torch.enable_grad():
-        losses = loss_fn(img, txt, scale, bias, **dict(loss_kwargs or {}))
-        total = sum(v for k, v in losses.items() if k.endswith("_loss"))
-        total.backward()
+        losses = loss_fn({"image_features": img, "text_features": txt, "logit_scale": scale, "logit_bias": bias},
+                         **dict(loss_kwargs or {}))
+        total_loss(losses).backward()
 
     sizes = [x.shape[0] for x in imgs]
     g_img, g_txt = img.grad.split(sizes), txt.grad.split(sizes)
     for m, mb in enumerate(micro_batches):
-        last = m == len(micro_batches) - 1
+        last = m == k - 1
         with (no_sync() if no_sync is not None and not last else nullcontext()):
             _set_rng_state(states[m])
             out = encode(mb)
             surrogate = (out["image_features"] * g_img[m]).sum() + (out["text_features"] * g_txt[m]).sum()
+            terms = loss_terms(out)
+            if terms:
+                surrogate = surrogate + total_loss(terms) / k
             if last:  # the temperature and bias are shared: their gradient is pushed once
                 for key, leaf in (("logit_scale", scale), ("logit_bias", bias)):
                     if torch.is_tensor(leaf) and leaf.grad is not None and torch.is_tensor(out.get(key)):
                         surrogate = surrogate + (out[key] * leaf.grad).sum()
-            surrogate.backward()
+            if surrogate.requires_grad:
+                surrogate.backward()
     _set_rng_state(end_state)
-    return {k: v.detach() for k, v in losses.items()}
+    return loss_terms({k_: v.detach() for k_, v in losses.items()}, aux)

@@ -23,11 +23,14 @@ chunked pass); ``impl="autograd"`` is open_clip's formulation with a (cached) ``
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from vlm.losses import kernels
+from vlm.losses.terms import model_features
 from vlm.losses.clip import as_scale, check_pair
 from vlm.losses.distributed import (CommStats, all_gather_with_grad, check_equal_batch, dist_env,
                                     neighbour_exchange, shift_right)
@@ -38,8 +41,8 @@ DIST_IMPLS = ("gather", "ring")
 
 
 class SigLipLoss(nn.Module):
-    """Sigmoid contrastive loss. ``forward(image_features [b,E], text_features [b,E], logit_scale,
-    logit_bias=None) -> {"contrastive_loss": scalar}``.
+    """Sigmoid contrastive loss. ``forward(out) -> {"contrastive_loss": scalar}`` with
+    ``out["image_features"] [b,E]``, ``out["text_features"] [b,E]``, ``out["logit_scale"]``, ``out["logit_bias"]``.
 
     Args:
         dist_impl: "ring" (default, P2P neighbour exchange) or "gather" (one all-gather).
@@ -88,9 +91,10 @@ class SigLipLoss(nn.Module):
         labels = self.get_ground_truth(img.device, logits.dtype, img.shape[0], txt.shape[0], offset)
         return -F.logsigmoid(labels * logits).sum() / denom
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
-                logit_bias=None, **_) -> dict[str, torch.Tensor]:
-        """Returns ``{"contrastive_loss": 0-d tensor}``: this rank's share (see the module docstring)."""
+    def forward(self, out: Mapping[str, torch.Tensor], **_) -> dict[str, torch.Tensor]:
+        """``out``: the model's output dict (``image_features``, ``text_features``, ``logit_scale``,
+        ``logit_bias``) -> ``{"contrastive_loss": 0-d tensor}``: this rank's share (see the module docstring)."""
+        image_features, text_features, logit_scale, logit_bias = model_features(out, "SigLipLoss")
         check_pair(image_features, text_features, "SigLipLoss")
         scale = as_scale(logit_scale, image_features)
         self.comm.reset()
