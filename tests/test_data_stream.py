@@ -1,5 +1,5 @@
 """The streaming data layer end to end: multilingual shards read back exactly, shard specs, languages,
-prompts/templates, the caption task's labels, resampled mixing, and exact resume (vlm.data.*)."""
+templates, the caption task's labels, resampled mixing, and exact resume (vlm.data.*)."""
 from __future__ import annotations
 
 import io
@@ -123,8 +123,12 @@ def test_shard_specs(ml, tmp_path):
     assert expand_shards([files[2], "file://" + files[0]]) == [files[2], files[0]]
     with pytest.raises(DataError, match="7 shard.*ml-003.tar.*and 4 more"):
         expand_shards(str(d / "ml-{000..009}.tar"))
-    with pytest.raises(DataError, match="directory"):
-        expand_shards(str(d))
+    assert expand_shards(str(d)) == files  # a directory: its .tar shards, sorted
+    (tmp_path / "top" / "inner").mkdir(parents=True)
+    (tmp_path / "top" / "inner" / "x.tar").write_bytes(open(files[0], "rb").read())
+    with pytest.raises(DataError, match="holds no .tar shards.*inner"):
+        expand_shards(str(tmp_path / "top"))
+    assert sum(len(b["key"]) for b in make_loader(_cfg(str(tmp_path / "top" / "inner")), PRE, None)) == 10
     with pytest.raises(DataError, match="no shard matches"):
         expand_shards(str(d / "nothing-*.tar"))
     with pytest.raises(DataError, match="allow_pipe"):
@@ -192,17 +196,20 @@ def test_templates_and_picker():
 
 def test_caption_task_labels(ml):
     spec, expected, _ = ml
-    stream = make_loader(_cfg(spec, lang_weights={"de": 1}), PRE, TOK, task="caption",
-                         templates={"*": ["Caption in {lang_name}:"]})
+    stream = make_loader(_cfg(spec, lang_weights={"de": 1}), PRE, TOK, task="caption")
     b = next(iter(stream))
+    assert "prompt" not in b  # the instruction is the model collate's to decide, never the data layer's
     for j in range(len(b["key"])):
-        assert b["prompt"][j] == "Caption in German:" and b["target"][j] == b["text"][j].split(": ", 1)[1]
+        assert b["lang"][j] == "de" and b["target"][j] == b["text"][j] in expected[b["key"][j]][1]["de"]
+        assert b["captions"][j] == expected[b["key"][j]][1]
         ids, lab, mask = b["input_ids"][j], b["labels"][j], b["attention_mask"][j]
         assert ids[0] == TOK.bos_token_id and lab[0] == IGNORE_INDEX
         target = lab[lab != IGNORE_INDEX]
         assert target[-1] == TOK.eos_token_id and TOK.decode(target) == b["target"][j]
-        assert TOK.decode(ids[mask.bool()]) == b["prompt"][j] + b["target"][j]
+        assert TOK.decode(ids[mask.bool()]) == b["target"][j]
         assert (lab[~mask.bool()] == IGNORE_INDEX).all()
+    with pytest.raises(UserError, match="contrastive text templates.*collate_fn"):
+        make_loader(_cfg(spec), PRE, TOK, task="caption", templates={"*": ["Caption in {lang_name}: {}"]})
 
 
 def test_resampled_sources_mix_by_weight(tmp_path):

@@ -18,13 +18,16 @@ class Batch(TypedDict, total=False):
     input_ids:       int64  [B, L]        token ids from the text side's tokenizer (padded)
     attention_mask:  int64  [B, L]        1 = real token, 0 = padding
     labels:          int64  [B, L]        LM targets, -100 where no loss (prompt, image, padding)
-    text:            list[str] (B)        the rendered text (caption / prompt + answer)
+    text:            list[str] (B)        the rendered text (contrastive: templated caption; caption/vqa: target)
     lang:            list[str] (B)        language code of the text (lower-case ISO 639, e.g. "de", "zh")
     key:             list[str] (B)        the sample's ``__key__`` in its shard (unique per shard set)
     url:             list[str] (B)        the shard the sample came from
     class_id:        int64  [B]           class index, -1 where the sample has none
-    prompt:          list[str] (B)        instruction/question part (vision-LLM tasks)
-    target:          list[str] (B)        answer/caption part (vision-LLM tasks)
+    prompt:          list[str] (B)        instruction (only from a model's own collate; never the data layer's)
+    target:          list[str] (B)        answer/caption part (caption / vqa tasks)
+    question:        list[str] (B)        the VQA question in ``lang`` (vqa task)
+    qa:              list[dict] (B)       {lang: (question, answers)} of every language (vqa task)
+    captions:        list[dict] (B)       {lang: [captions]} of every language (caption / image tasks)
     answers:         list[list[str]] (B)  all reference answers/captions (evaluation)
     text_to_image:   int64  [T]           only with data.captions_per_image = k > 1: the image row of each
                                           text; then text/input_ids/attention_mask have T = B*k rows
@@ -45,6 +48,9 @@ class Batch(TypedDict, total=False):
     class_id: torch.Tensor
     prompt: list
     target: list
+    question: list
+    qa: list
+    captions: list
     answers: list
     text_to_image: torch.Tensor
     text_lang: list

@@ -1,22 +1,24 @@
-"""Collate: a list of rendered samples -> the one batch contract (:class:`vlm.data.batch.Batch`).
-
-Runs in the loader worker, so tokenisation is parallel and only tensors cross the process boundary.
-Images arrive as uint8 ``[3, S, S]`` and leave as uint8 ``[B, 3, S, S]`` (normalised in the model step).
+"""The default collate: a list of task samples (:mod:`vlm.data.tasks`) -> the batch contract
+(:class:`vlm.data.batch.Batch`). A model that builds its own prompts hands ``make_loader`` a picklable
+``collate_fn`` instead; either runs in the loader worker, so tokenisation is parallel and only tensors
+cross the process boundary. Images arrive as uint8 ``[3, S, S]`` and leave as uint8 ``[B, 3, S, S]``
+(normalised in the model step).
 
 Text, by task:
 
-- ``contrastive``: ``tokenizer(texts)`` as given by the text tower (an HF-style callable returning padded
-  ``input_ids`` / ``attention_mask``, e.g. :class:`vlm.tokenizers.ByteTokenizer`), used unchanged so the
-  data side matches the model's own tokenisation exactly.
-- ``caption`` (decoder-only vision-LLM layout): ``input_ids = [bos] + prompt + target + [eos]`` built from
-  the pieces tokenised with ``add_special_tokens=False`` (tokenising ``prompt + target`` as one string and
-  cutting at the prompt's length is wrong for BPE, whose merges cross the boundary), right-padded with
-  ``pad_token_id``; ``labels`` are the ids on target + eos positions and ``-100`` on bos, prompt and
-  padding. Too long: target tokens are cut, the eos is kept. Image placeholder positions are the
-  vision-LLM's to add; ``prompt`` / ``target`` strings stay in the batch for models that tokenise
-  differently (seq2seq LLMs put the prompt in the encoder).
+- ``contrastive`` / ``image``: ``tokenizer(texts)`` as given by the text tower (an HF-style callable
+  returning padded ``input_ids`` / ``attention_mask``, e.g. :class:`vlm.tokenizers.ByteTokenizer`), used
+  unchanged so the data side matches the model's own tokenisation exactly.
+- ``caption`` / ``vqa`` (a plain decoder-only layout with no instruction; vision-LLMs pass their own
+  collate): ``input_ids = [bos] + prefix + target + [eos]`` with prefix = nothing (caption) or the
+  question (vqa), built from the pieces tokenised with ``add_special_tokens=False`` (tokenising the
+  whole string and cutting at the prefix's length is wrong for BPE, whose merges cross the boundary),
+  right-padded with ``pad_token_id``; ``labels`` are the ids on target + eos positions and ``-100``
+  elsewhere. Too long: target tokens are cut, the eos is kept. The batch has no ``prompt`` key: the
+  prompt is the model's to decide.
 
-The batch also carries ``text``, ``lang``, ``key``, ``url``, ``class_id`` (``-1`` = none) and ``answers``.
+The batch also carries ``text``, ``lang``, ``key``, ``url``, ``class_id`` (``-1`` = none), ``answers``;
+``target`` (caption / vqa), ``question`` and ``qa`` (vqa), ``captions`` (caption / image).
 """
 from __future__ import annotations
 
@@ -114,13 +116,18 @@ def collate(samples: list[dict], tokenizer=None, task: str = "contrastive",
         batch["text_lang"] = [c for s in samples for c in s["text_langs"]]
         batch["text_to_image"] = torch.tensor([i for i, s in enumerate(samples) for _ in s["texts"]],
                                               dtype=torch.long)
-    if task == "caption":
-        batch["prompt"] = [s["prompt"] for s in samples]
+    if task in ("caption", "vqa"):
         batch["target"] = [s["target"] for s in samples]
+    if task == "vqa":
+        batch["question"] = [s["question"] for s in samples]
+        batch["qa"] = [s["qa"] for s in samples]
+    if task in ("caption", "image") and "captions" in samples[0]:
+        batch["captions"] = [s["captions"] for s in samples]
     if tokenizer is None:
         return batch
-    if task == "caption":
-        batch.update(tokenize_lm(tokenizer, batch["prompt"], batch["target"], max_length))
+    if task in ("caption", "vqa"):
+        prefix = batch["question"] if task == "vqa" else [""] * len(samples)
+        batch.update(tokenize_lm(tokenizer, prefix, batch["target"], max_length))
     else:
         enc = tokenizer(batch["text"])
         batch["input_ids"] = _as_long(enc["input_ids"])

@@ -1,15 +1,10 @@
-"""Picking a sample's language and rendering its text: the prompt/template stage of the data pipeline.
+"""Picking a sample's language and rendering contrastive text templates (per-sample seeded).
 
-A decoded sample has captions in one or more languages (``{"de": [...], "fr": [...]}``). This stage picks
-one language, one caption of it, and renders the text the task needs:
-
-- ``contrastive``: ``text`` = a template filled with the caption (``{"en": ["a photo of {}."]}``) or, with
-  no template for that language, the raw caption;
-- ``caption`` (vision-LLM captioning / instruction tuning): ``prompt`` = an instruction template that may
-  name the language (``"Caption the image in {lang_name}:"``), ``target`` = the caption, and
-  ``text`` = ``prompt + " " + target``.
-
-Every sample also gets ``answers`` (all captions in the picked language, for evaluation) and ``lang``.
+:class:`LangPicker` picks one language among those a sample has (captions or VQA questions); the per-task
+sample builder (:mod:`vlm.data.tasks`) uses it for every task. :class:`Templates` renders the contrastive
+text templates (``{"en": ["a photo of {}."]}``, ``"*"`` = any other language). Vision-LLM instruction
+prompts are *not* rendered in the data layer: the model's collate (``make_loader(collate_fn=...)``)
+decides the prompt, in one place for training and generation.
 
 Randomness is per sample, never from a shared stream: :func:`sample_rng` seeds a ``random.Random`` from
 ``(seed, epoch, shard name, sample key)`` through BLAKE2 (Python's ``hash()`` of a string changes per
@@ -20,8 +15,7 @@ a resumed stream reproduces them exactly (FINDINGS: "Exact resume"). The draws a
 Language weights (from the mixing recipes, :mod:`vlm.data.mixing`): ``"uniform"`` (every available
 language equally likely) or a mapping ``lang -> weight``; the key ``"*"`` gives the weight of languages
 not listed (default 0: an unlisted language is never picked). A sample whose languages all have weight 0
-or are outside ``languages`` is skipped as ``lang_filtered``. Templates are keyed by language too, with
-``"*"`` as the fallback for any language.
+or are outside ``languages`` is skipped as ``lang_filtered``.
 """
 from __future__ import annotations
 
@@ -30,23 +24,11 @@ import os
 import random
 from typing import Iterable, Mapping, Sequence
 
-from vlm.data.decode import SampleSkipped
 from vlm.data.langs import lang_name, normalize_lang
 from vlm.errors import UserError
 
-TASKS = ("contrastive", "caption", "image")  # image: pixels + class ids, text optional (classification shards)
-
-DEFAULT_CAPTION_PROMPTS: dict[str, list[str]] = {
-    "*": [
-        "Caption the image in {lang_name}:",
-        "Write a short {lang_name} description of this image:",
-        "Describe the image in {lang_name} in one sentence:",
-    ]
-}
-
-
 class TemplateError(UserError):
-    """A template or prompt that cannot be rendered (bad placeholder, unknown language key)."""
+    """A template that cannot be rendered (bad placeholder, unknown language key)."""
 
 
 def stable_seed(*parts) -> int:
@@ -111,8 +93,7 @@ class Templates:
     """Per-language template lists. A template is a ``str.format`` string; ``{}`` is the caption (or class
     name), ``{lang}`` the language code and ``{lang_name}`` its English name."""
 
-    def __init__(self, templates: Mapping[str, Sequence[str]] | None, *, what: str = "templates",
-                 caption_slot: bool = True):
+    def __init__(self, templates: Mapping[str, Sequence[str]] | None, *, what: str = "templates"):
         self.by_lang: dict[str, list[str]] = {}
         for code, items in (templates or {}).items():
             key = "*" if code == "*" else normalize_lang(code)
@@ -122,11 +103,11 @@ class Templates:
             if not items:
                 raise TemplateError(f"{what}[{code!r}] is empty; give at least one template or drop the key")
             for t in items:
-                self._check(t, what, code, caption_slot)
+                self._check(t, what, code)
             self.by_lang.setdefault(key, []).extend(items)
 
     @staticmethod
-    def _check(t, what: str, code: str, caption_slot: bool) -> None:
+    def _check(t, what: str, code: str) -> None:
         if not isinstance(t, str):
             raise TemplateError(f"{what}[{code!r}]: templates must be strings, got {t!r}")
         try:
@@ -134,12 +115,8 @@ class Templates:
         except (IndexError, KeyError, ValueError) as e:
             raise TemplateError(f"{what}[{code!r}]: template {t!r} cannot be rendered ({e}); use {{}} for the "
                                 "caption, {lang}/{lang_name} for the language, and {{{{ }}}} for literal braces")
-        has_slot = "\x00" in probe
-        if caption_slot and not has_slot:
+        if "\x00" not in probe:
             raise TemplateError(f"{what}[{code!r}]: template {t!r} has no {{}} for the caption")
-        if not caption_slot and has_slot:
-            raise TemplateError(f"{what}[{code!r}]: prompt {t!r} must not contain {{}} (it would show the "
-                                "target caption to the model)")
 
     def __bool__(self) -> bool:
         return bool(self.by_lang)
@@ -154,86 +131,3 @@ class Templates:
             return None
         t = options[rng.randrange(len(options))]
         return t.format(text, lang=lang, lang_name=lang_name(lang))
-
-
-class PromptStage:
-    """Decoded sample (``captions: {lang: [str]}``) -> text fields for ``task``. Raises
-    :class:`~vlm.data.decode.SampleSkipped` (``lang_filtered``) when no language may be picked."""
-
-    def __init__(self, task: str = "contrastive", picker: LangPicker | None = None,
-                 templates: Mapping[str, Sequence[str]] | Templates | None = None,
-                 prompts: Mapping[str, Sequence[str]] | Templates | None = None, seed: int = 0,
-                 captions_per_image: int = 1):
-        if task not in TASKS:
-            raise UserError(f"unknown data task {task!r}; choose one of {', '.join(TASKS)}")
-        self.task = task
-        self.picker = picker or LangPicker()
-        self.templates = templates if isinstance(templates, Templates) else Templates(templates)
-        if task == "caption":
-            p = DEFAULT_CAPTION_PROMPTS if prompts is None else prompts
-            self.prompts = p if isinstance(p, Templates) else Templates(p, what="prompts", caption_slot=False)
-        else:
-            self.prompts = None
-        self.seed = seed
-        if captions_per_image < 1 or (captions_per_image > 1 and task != "contrastive"):
-            raise UserError(f"captions_per_image={captions_per_image}: must be >= 1, and > 1 only for the "
-                            "contrastive task (several positives per image, e.g. for loss.name=decoupled)")
-        self.captions_per_image = captions_per_image
-
-    def _more_positives(self, captions: Mapping[str, list[str]], lang: str, caption: str, text: str,
-                        rng: random.Random) -> tuple[list[str], list[str]]:
-        """``captions_per_image`` positives: the first pick, then further languages drawn by weight
-        without replacement, then further captions of already used languages. Too few -> skipped."""
-        chosen, langs = [text], [lang]
-        used = {(lang, caption)}
-        remaining = {c for c in captions if c != lang}
-        while len(chosen) < self.captions_per_image and remaining:
-            nxt = self.picker.pick(remaining, rng)
-            if nxt is None:
-                break
-            remaining.discard(nxt)
-            cap = captions[nxt][rng.randrange(len(captions[nxt]))]
-            used.add((nxt, cap))
-            rendered = self.templates.render(nxt, cap, rng) if self.templates else None
-            chosen.append(cap if rendered is None else rendered)
-            langs.append(nxt)
-        extra = sorted((c, t) for c, caps in captions.items() if self.picker.weight(c) > 0 for t in caps
-                       if (c, t) not in used)
-        rng.shuffle(extra)
-        for c, t in extra[: self.captions_per_image - len(chosen)]:
-            rendered = self.templates.render(c, t, rng) if self.templates else None
-            chosen.append(t if rendered is None else rendered)
-            langs.append(c)
-        if len(chosen) < self.captions_per_image:
-            raise SampleSkipped("too_few_captions", f"{len(chosen)} usable caption(s), data.captions_per_image="
-                                                    f"{self.captions_per_image}")
-        return chosen, langs
-
-    def __call__(self, sample: dict, epoch: int) -> dict:
-        if self.task == "image":  # no text needed; keep what there is for reference
-            out = {k: v for k, v in sample.items() if k != "captions"}
-            caps = sample["captions"]
-            lang = next(iter(caps), "")
-            out.update(lang=lang, text=caps[lang][0] if lang else "", answers=list(caps.get(lang, [])))
-            return out
-        rng = sample_rng(self.seed, epoch, sample["key"], sample.get("url", ""))
-        lang = self.picker.pick(sample["captions"].keys(), rng)
-        if lang is None:
-            raise SampleSkipped("lang_filtered", f"languages {sorted(sample['captions'])} all have weight 0 "
-                                                 "or are not in data.languages")
-        caps = sample["captions"][lang]
-        caption = caps[rng.randrange(len(caps))]
-        out = {k: v for k, v in sample.items() if k != "captions"}
-        out["lang"] = lang
-        out["answers"] = list(caps)
-        if self.task == "contrastive":
-            rendered = self.templates.render(lang, caption, rng) if self.templates else None
-            out["text"] = caption if rendered is None else rendered
-            if self.captions_per_image > 1:
-                out["texts"], out["text_langs"] = self._more_positives(sample["captions"], lang, caption,
-                                                                       out["text"], rng)
-        else:
-            prompt = self.prompts.render(lang, "", rng) or ""
-            out["prompt"], out["target"] = prompt, caption
-            out["text"] = f"{prompt} {caption}" if prompt else caption
-        return out

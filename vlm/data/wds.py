@@ -1,8 +1,11 @@
-"""Streaming data on webdataset: shards -> (node, worker) split -> shuffle -> safe decode -> prompt -> batch.
+"""Streaming data on webdataset: shards -> (node, worker) split -> shuffle -> safe decode -> task sample ->
+batch. The one data path of every task: contrastive / caption / vqa / image (:mod:`vlm.data.tasks`),
+training and evaluation alike.
 
     stream = make_loader(cfg, model.image_preprocess, model.tokenizer, epoch=0)
     for batch in stream:            # vlm.data.batch.Batch: pixels uint8 [B,3,S,S], input_ids, lang, key...
         ...
+    make_loader(cfg, pre, task="vqa", collate_fn=model_collate)   # the model's collate, in the workers
     stream.skipped                  # {"corrupt_image": 3, "unsafe_member_ignored": 1, ...} over all workers
     state = stream.state_dict()     # exact resume: make_loader(..., start_sample=state)
 
@@ -12,7 +15,12 @@ Per worker, as a ``wds.DataPipeline``:
     resampled mode one ResampledShards(deterministic=True) per source -> read tars -> weighted mix (own
                    RNG; wds.RandomMix draws from the global ``random``)
     then           wds.shuffle(buffer, rng=(seed, epoch, rank, worker)) -> [resume skip] -> decode ->
-                   prompt -> batch + collate (tokenise here, in the worker)
+                   task sample (language, text; TaskStage) -> batch + collate (tokenise here, in the worker)
+
+**Collate.** ``collate_fn(samples: list[dict]) -> dict`` (picklable: it travels to the workers) gets the
+task's sample dicts (:mod:`vlm.data.tasks` lists the keys) and returns the batch; without one,
+:func:`vlm.data.collate.collate` with ``tokenizer`` builds the default batch. Either way the loader then
+adds its bookkeeping keys (``skipped``, ``worker``) and strips its private ones on the main side.
 
 **Splitting.** In epoch mode the shard list, shuffled identically on every rank from ``(seed, epoch)``,
 is sliced by rank, then by worker: each sample is seen exactly once per epoch over all (rank, worker)
@@ -32,7 +40,7 @@ counts (a wrong dataset should fail, not spin).
 
 **Exact resume.** Everything random is seeded: the shard order from (seed, epoch), the shuffle buffer from
 (seed, epoch, rank, worker), each sample's language/caption/template from (seed, epoch, shard, key)
-(:mod:`vlm.data.prompts`). A worker's stream is therefore a fixed sequence of raw records; the resume
+(:func:`vlm.data.prompts.sample_rng`). A worker's stream is therefore a fixed sequence of raw records; the resume
 state is, per worker, the number of records consumed and batches emitted. Resuming replays each worker's
 records up to that point without decoding them and continues. torch's DataLoader hands out batches
 round-robin over workers, so the resumed loader also rotates which worker comes first; the state
@@ -60,10 +68,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm.data.collate import collate
-from vlm.data.decode import (REASONS, SampleSkipped, SkipStats, decode_record, expand_shards, open_shard,
-                              read_shards)
+from vlm.data.decode import REASONS, SampleSkipped, SkipStats, expand_shards, open_shard, read_shards
 from vlm.data.langs import normalize_lang
-from vlm.data.prompts import LangPicker, PromptStage, stable_seed
+from vlm.data.prompts import LangPicker, stable_seed
+from vlm.data.tasks import TASKS, TaskStage
 from vlm.errors import DataError, UserError
 
 __all__ = ["SourceConfig", "DataConfig", "DataStream", "SkipStats", "REASONS", "make_loader",
@@ -85,11 +93,12 @@ class SourceConfig:
 class DataConfig:
     """The data section of a training config (``vlm.config.load_config`` + dotted overrides).
 
-    shards: path / brace range / glob / ``::``-list / list / URL, shorthand for one source; or ``sources``.
+    shards: path / directory (its ``*.tar``) / brace range / glob / ``::``-list / list / URL, shorthand for
+    one source; or ``sources``.
     lang_weights: ``"uniform"`` or ``{lang: weight}`` (``"*"`` = any other language; unlisted = 0).
     languages: keep only captions in these languages (None = all).
-    templates: contrastive templates ``{lang: ["a photo of {}."]}``; prompts: instruction prompts for the
-    caption task (None = the defaults in :mod:`vlm.data.prompts`).
+    templates: contrastive templates ``{lang: ["a photo of {}."]}`` (contrastive task only; vision-LLM
+    instruction prompts are the model collate's, not a data setting).
     max_pixels: width*height limit checked before decoding; max_member_bytes: larger members are not read.
     epoch_samples: samples per epoch over all ranks; required when ``resampled``, a cap otherwise.
     """
@@ -109,7 +118,6 @@ class DataConfig:
     lang_weights: Union[dict[str, float], str] = "uniform"
     default_lang: Optional[str] = None
     templates: Optional[dict[str, list[str]]] = None
-    prompts: Optional[dict[str, list[str]]] = None
     max_text_length: Optional[int] = None
     captions_per_image: int = 1  # > 1: that many positives per image (languages first), for loss.name=decoupled
     max_pixels: int = 40_000_000
@@ -156,17 +164,23 @@ def _mix(sources: list, weights: list[float], rng: random.Random):
 
 
 class _Plan:
-    """Everything a worker needs (picklable): urls, sources, decode/prompt/collate settings."""
+    """Everything a worker needs (picklable): urls, sources, decode/task/collate settings."""
 
     def __init__(self, cfg: DataConfig, sources: list[tuple[list[str], float, Optional[str]]], preprocess,
-                 tokenizer, task: str, prompt_stage: PromptStage, rank: int, world_size: int):
-        self.cfg, self.sources, self.tokenizer, self.task = cfg, sources, tokenizer, task
-        self.prompt_stage, self.rank, self.world_size = prompt_stage, rank, world_size
+                 tokenizer, stage: TaskStage, rank: int, world_size: int, collate_fn=None):
+        self.cfg, self.sources, self.tokenizer, self.task = cfg, sources, tokenizer, stage.task
+        self.stage, self.rank, self.world_size, self.collate_fn = stage, rank, world_size, collate_fn
         self.urls = [u for urls, _, _ in sources for u in urls]
         self.default_lang = {u: dl for urls, _, dl in sources for u in urls}
-        self.decode_kw = dict(image_size=int(preprocess.image_size), resize_mode=preprocess.resize_mode,
-                              interpolation=preprocess.interpolation, max_pixels=cfg.max_pixels,
-                              jpeg_draft=cfg.jpeg_draft, require_caption=task != "image")
+        self.decode_kw = decode_settings(preprocess, cfg)
+
+    def collate(self, samples: list[dict]) -> dict:
+        if self.collate_fn is None:
+            return collate(samples, self.tokenizer, self.task, self.cfg.max_text_length)
+        out = self.collate_fn(samples)
+        if not isinstance(out, dict):
+            raise UserError(f"collate_fn {self.collate_fn!r} returned {type(out).__name__}; it must return a dict")
+        return out
 
     def worker_batches(self, num_workers: int) -> Optional[int]:
         """Batches per worker per epoch when the epoch length is fixed (resampled or capped), else None."""
@@ -222,8 +236,9 @@ class _Plan:
             try:
                 if key is None:
                     raise SampleSkipped("", "")  # a shard marker, already counted
-                sample = decode_record(rec, default_lang=self.default_lang.get(url), notes=notes, **self.decode_kw)
-                sample = self.prompt_stage(sample, epoch)
+                sample = self.stage.decode(rec, default_lang=self.default_lang.get(url), notes=notes,
+                                           **self.decode_kw)
+                sample = self.stage(sample, epoch)
             except SampleSkipped as e:
                 if e.reason:
                     stats.add(e.reason, key=key, url=url, detail=e.detail)
@@ -240,7 +255,7 @@ class _Plan:
             buf.append(sample)
             if len(buf) == cfg.batch_size:
                 batches += 1
-                yield emit(collate(buf, self.tokenizer, self.task, cfg.max_text_length))
+                yield emit(self.collate(buf))
                 buf = []
                 if limit is not None and batches >= limit:
                     break
@@ -249,7 +264,7 @@ class _Plan:
                 stats.add("partial_batch_dropped", n=len(buf), detail="(set data.drop_last=false to keep them)")
             else:
                 batches += 1
-                yield emit(collate(buf, self.tokenizer, self.task, cfg.max_text_length))
+                yield emit(self.collate(buf))
         yield emit({"_final": True})
 
 
@@ -425,17 +440,41 @@ def _sources(cfg: DataConfig) -> list[tuple[list[str], float, Optional[str]]]:
     return out
 
 
+def decode_settings(preprocess, cfg: Optional[DataConfig] = None) -> dict:
+    """The :func:`vlm.data.decode.decode_image` / ``decode_record`` keywords for a tower's
+    :class:`~vlm.towers.base.ImagePreprocess` (size, resize mode, interpolation, crop_pct) and the data
+    limits of ``cfg``: the one image preprocessing, shared with the evaluation folder reader."""
+    cfg = cfg or DataConfig()
+    kw = dict(image_size=int(preprocess.image_size), resize_mode=getattr(preprocess, "resize_mode", "shortest"),
+              interpolation=getattr(preprocess, "interpolation", "bicubic"),
+              crop_pct=float(getattr(preprocess, "crop_pct", 1.0) or 1.0), max_pixels=cfg.max_pixels,
+              jpeg_draft=cfg.jpeg_draft)
+    if kw["resize_mode"] not in ("shortest", "squash", "longest") or kw["interpolation"] not in ("bicubic", "bilinear"):
+        raise UserError(f"image preprocessing resize_mode={kw['resize_mode']!r} interpolation={kw['interpolation']!r}: "
+                        "use resize_mode shortest|squash|longest and interpolation bicubic|bilinear")
+    if not 0 < kw["crop_pct"] <= 1:
+        raise UserError(f"image preprocessing crop_pct={kw['crop_pct']!r}: must be in (0, 1]")
+    return kw
+
+
 def make_loader(cfg: DataConfig, preprocess, tokenizer=None, *, rank: Optional[int] = None,
                 world_size: Optional[int] = None, epoch: int = 0, start_sample: Union[int, dict] = 0,
-                task: str = "contrastive", templates=None) -> DataStream:
+                task: str = "contrastive", templates=None, collate_fn=None) -> DataStream:
     """Build the stream of batches for this rank.
 
-    preprocess: :class:`vlm.towers.base.ImagePreprocess` (size and resize mode of the image tower);
-    tokenizer: ``list[str] -> {"input_ids": [B, L], "attention_mask": [B, L]}`` or None (strings only);
-    rank/world_size: default from torch.distributed when initialised, else 0/1; start_sample: raw records
-    already consumed (one worker) or a :meth:`DataStream.state_dict`; task: ``"contrastive"``,
-    ``"caption"`` or ``"image"`` (pixels + class ids; samples without captions are kept); templates: contrastive templates, or for ``caption`` the instruction prompts
-    (default: ``cfg.templates`` / ``cfg.prompts``). Configuration mistakes raise here, not in a worker."""
+    preprocess: :class:`vlm.towers.base.ImagePreprocess` (size, resize mode, interpolation, crop_pct of
+    the image tower); tokenizer: ``list[str] -> {"input_ids": [B, L], "attention_mask": [B, L]}`` or None
+    (strings only), used by the default collate; rank/world_size: default from torch.distributed when
+    initialised, else 0/1; start_sample: raw records already consumed (one worker) or a
+    :meth:`DataStream.state_dict`; task: ``"contrastive"``, ``"caption"``, ``"vqa"`` or ``"image"``
+    (:mod:`vlm.data.tasks`); templates: contrastive templates (default ``cfg.templates``; contrastive task
+    only); collate_fn: picklable ``list[sample dict] -> dict`` run in the worker instead of the default
+    collate (the sample keys are listed in :mod:`vlm.data.tasks`). Configuration mistakes raise here, not
+    in a worker."""
+    if task not in TASKS:
+        raise UserError(f"unknown data task {task!r}; choose one of {', '.join(TASKS)}")
+    if collate_fn is not None and not callable(collate_fn):
+        raise UserError(f"collate_fn must be callable (list of sample dicts -> dict), got {collate_fn!r}")
     if rank is None or world_size is None:
         d_rank, d_world = _dist_rank_world()
         rank = d_rank if rank is None else rank
@@ -462,11 +501,9 @@ def make_loader(cfg: DataConfig, preprocess, tokenizer=None, *, rank: Optional[i
             warnings.warn("source weights apply only with data.resampled=true; this epoch reads every shard once",
                           stacklevel=2)
     picker = LangPicker(cfg.lang_weights, cfg.languages)
-    if task == "caption":
-        stage = PromptStage(task, picker, templates=cfg.templates, prompts=templates if templates is not None
-                            else cfg.prompts, seed=cfg.seed)
-    else:
-        stage = PromptStage(task, picker, templates=templates if templates is not None else cfg.templates,
-                            seed=cfg.seed, captions_per_image=cfg.captions_per_image if task == "contrastive" else 1)
-    plan = _Plan(cfg, sources, preprocess, tokenizer, task, stage, rank, world_size)
+    if templates is None and task == "contrastive":
+        templates = cfg.templates
+    stage = TaskStage(task, picker, templates=templates, seed=cfg.seed,
+                      captions_per_image=cfg.captions_per_image if task == "contrastive" else 1)
+    plan = _Plan(cfg, sources, preprocess, tokenizer, stage, rank, world_size, collate_fn)
     return DataStream(plan, epoch=epoch, start_sample=start_sample)
