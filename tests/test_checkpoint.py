@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from vlm.checkpoint import (CheckpointError, capture_rng_state, clean_stale, find_latest, list_checkpoints,
-                            load_checkpoint, resolve_resume, restore_rng_state, save_checkpoint, validate)
+from vlm.rng import capture_rng_state, restore_rng_state
+from vlm.checkpoint import (CheckpointError, clean_stale, find_latest, list_checkpoints,
+                            load_checkpoint, resolve_resume, save_checkpoint, validate)
 
 
 def _model_and_optim():

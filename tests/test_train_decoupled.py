@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlm.train import pretrain
-from vlm.train.common import DistEnv
+from vlm.distributed import DistEnv
 from vlm.config import load_config
 from vlm.errors import UserError
 from vlm.losses import build_loss

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlm.train import finetune
-from vlm.train.common import DistEnv
+from vlm.distributed import DistEnv
 from vlm.config import load_config
 from vlm.errors import UserError
 from vlm.vision_llm import VisionLLM
@@ -202,7 +202,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from vlm.train.common import DistEnv, wrap_model
+    from vlm.distributed import DistEnv, wrap_model
     from vlm.adapters.lora import LoraAdapter
     from vlm.vision_llm import VisionLLMConfig
 
@@ -242,7 +242,7 @@ def test_ddp_token_normalisation_matches_single_process(tmp_path):
     the union batch (counts all-reduced, loss divided by count / world_size)."""
     import torch.multiprocessing as mp
 
-    from vlm.train.common import free_port
+    from vlm.distributed import free_port
 
     out = tmp_path / "res.json"
     mp.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)

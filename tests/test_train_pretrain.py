@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from vlm.train import pretrain
-from vlm.train.common import (DistEnv, NonFiniteGuard, OptimConfig, TrainingDiverged, build_optimizer, lr_multiplier,
-                          param_groups)
+from vlm.distributed import DistEnv
+from vlm.train.optim import (NonFiniteGuard, OptimConfig, TrainingDiverged, build_optimizer, lr_multiplier,
+                             param_groups)
 from vlm.checkpoint import load_weights
 from vlm.cli import main
 from vlm.config import ConfigError, load_config
@@ -143,8 +144,9 @@ def test_gradcache_replays_dropout():
     halves = [_batch(4, 1), _batch(4, 2)]
     torch.manual_seed(123)  # reference: both micro-batches in one graph, same RNG sequence as pass (a)
     outs = [model(h["pixels"], h["input_ids"], h["attention_mask"]) for h in halves]
-    ref = loss_fn(torch.cat([o["image_features"] for o in outs]), torch.cat([o["text_features"] for o in outs]),
-                  outs[0]["logit_scale"])["contrastive_loss"]
+    ref = loss_fn({"image_features": torch.cat([o["image_features"] for o in outs]),
+                   "text_features": torch.cat([o["text_features"] for o in outs]),
+                   "logit_scale": outs[0]["logit_scale"]})["contrastive_loss"]
     ref.backward()
     g_ref = _grads(model)
     model.zero_grad(set_to_none=True)
@@ -194,8 +196,13 @@ def test_run_dir_export_and_exact_resume(demo, tmp_path):
 
 _KILL = textwrap.dedent("""
     import os, sys
-    import vlm.train.pretrain as p
-    p._after_step_hook = lambda step: os._exit(9) if step == 5 else None   # dies after step 5's update
+    import vlm.train.runlog as runlog
+    log = runlog.RunLogger.log
+    def log_then_die(self, step, metrics, show=True):   # the process dies right after step 5 was logged
+        log(self, step, metrics, show)
+        if step == 5 and "loss" in metrics:
+            os._exit(9)
+    runlog.RunLogger.log = log_then_die
     from vlm.cli import main
     sys.exit(main(["train", sys.argv[1], *sys.argv[2:]]))
 """)

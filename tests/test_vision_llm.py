@@ -133,7 +133,7 @@ def test_language_control_reaches_the_prompt():
         make_prompt("caption", "German")
     # templates from the config replace the table (same "*" convention as the data stage), and generation
     # uses them exactly as a training batch without prompt strings does
-    own = _model(caption_templates={"*": "Caption the image in {lang_name}:", "fr": "Légende :"})
+    own = _model(prompts={"caption": {"*": ["Caption the image in {lang_name}:"], "fr": ["Légende :"]}})
     assert own.make_prompt("caption", "de") == "Caption the image in German:"
     assert own.make_prompt("caption", "fr") == "Légende :"
     text = own.llm.tokenizer.decode(own.prepare_batch({"target": ["x"], "lang": ["sw"]})["input_ids"][0])

@@ -1,63 +1,47 @@
-"""Model-agnostic pieces shared by the training recipes (``train/pretrain.py``, ``train/finetune.py``).
+"""The one recipe setup: what every training recipe does before and around its own loop.
 
-Nothing here knows what the model computes. A recipe is one explicit loop that calls, in order:
+A recipe (``train/pretrain.py``, ``train/finetune.py``) is one explicit loop; everything that does not
+depend on what the model computes lives here and in :mod:`vlm.train.optim`, :mod:`vlm.train.runlog` and
+:mod:`vlm.distributed`::
 
-    env = init_distributed(cfg.train.dist, cfg.train.device)      # torchrun env -> process group, device
-    seed_everything(cfg.train.seed, env.rank); set_threads(cfg.train.threads)
-    model, train_model = wrap_model(raw, env, cfg.train.dist, compile=...)   # DDP / FSDP2 / torch.compile
-    opt = build_optimizer(raw, cfg.optim); sched = build_scheduler(opt, cfg.optim, total_steps)
-    with autocast(cfg.train.precision, env.device): ...            # bf16 autocast on CPU and CUDA
-    guard.update(bad_step)                                          # non-finite loss/grad: skip + count
-    save_training_state(...) / load_training_state(...)             # vlm.checkpoint + DCP state helpers
-    logger.log(step, metrics)                                       # tqdm/lines + metrics.jsonl + TensorBoard
+    with recipe_session(cfg) as (cfg, env):          # process group + device; train.precision=auto resolved
+        run = setup_run(cfg, env, build_model)       # run dir, seeds, model, DDP/FSDP2/compile, AdamW
+        stream = make_loader(..., start_sample=run.data_position("train"))   #   groups, schedule, resume
+        run.data_state = lambda: {"train": stream.state_dict()}
+        while run.step < run.steps:
+            losses = <the recipe's forward + backward>
+            bad, grad_norm = run.update(losses["loss"])          # clip, skip non-finite on all ranks, step
+            if run.end_step(losses, bad, grad_norm, samples=n):  # guard, log, periodic/final checkpoints
+                return run.stopped()                             # train.stop_after
+        return run.finish(final_dir, val_loss)
 
-Parameter groups: AdamW with ``weight_decay`` on matrices only; biases, norm gains, scalars (temperature
-``logit_scale``, ``logit_bias``) get none (open_clip/timm convention: ``ndim < 2`` or a name ending in
-those). ``optim.part_lr`` maps a module-path prefix (``image_tower``, ``text_tower.blocks.0``) to its own
-learning rate; the longest matching prefix wins, everything else uses ``optim.lr``.
-
-Distributed: ``init_distributed`` reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set by
-torchrun; gloo on CPU, NCCL on CUDA. ``dist="auto"`` means DDP when WORLD_SIZE > 1, else single process.
-FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every element of every ``nn.ModuleList`` in the
-model (transformer blocks of any tower), then the root. Full (unsharded) state dicts for checkpoints come
-from ``torch.distributed.checkpoint.state_dict`` helpers (collective; only rank 0 receives and writes).
+:func:`setup_run` in order: rank 0 removes stale temporary checkpoints and writes ``config.yaml`` +
+``versions.json``; ``train.resume`` is resolved to the newest *valid* checkpoint (rank 0 validates, every
+rank gets the answer); the model is built with the same seed on every rank (so FSDP2 shards one model),
+then every rank reseeds with its own stream; gradient checkpointing, DDP / FSDP2 / ``torch.compile``
+(:func:`vlm.distributed.wrap_model`); AdamW over :func:`vlm.train.optim.param_groups` (``optim.part_lr``
+per part, checked); warm-up + cosine; the checkpoint's model, optimizer, scheduler and RNG restored; the
+data positions of this rank kept for the recipe's loaders (a checkpoint from another world size is refused
+with an error). :class:`Run` then carries the step bookkeeping both recipes share.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import json
-import math
-import os
-import platform
 import random
-import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import nn
 
+from vlm.distributed import (DistEnv, all_gather_object, barrier, broadcast_object, cleanup_distributed,
+                             init_distributed, sync_replicated_grads, wrap_model)
 from vlm.errors import UserError
-
-
-# ---------------------------------------------------------------------------------------------- configs
-@dataclass
-class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    schedule: Literal["cosine", "constant", "linear"] = "cosine"
-    min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
-    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
-    accum_steps: int = 1  # loader batches per optimizer step (see the recipe for the semantics)
-    part_lr: dict[str, float] = field(default_factory=dict)  # module-path prefix -> lr
+from vlm.train.optim import NonFiniteGuard, build_optimizer, build_scheduler, guarded_update
+from vlm.train.runlog import RunLogger, save_run_info
 
 
 @dataclass
@@ -83,36 +67,6 @@ class TrainConfig:
     stop_after: int = 0  # stop (as if killed, after checkpointing) at this step; 0 = never. For tests/debugging
 
 
-class TrainingDiverged(UserError):
-    """Too many consecutive non-finite steps."""
-
-
-# ------------------------------------------------------------------------------------------ environment
-def library_versions() -> dict[str, str]:
-    """Versions of everything that changes numbers: saved as ``versions.json`` in every run directory."""
-    from importlib import metadata
-
-    out = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__}
-    for name, dist in [("open_clip", "open_clip_torch"), ("timm", "timm"), ("transformers", "transformers"),
-                       ("peft", "peft"), ("webdataset", "webdataset"), ("vlm", "vlm"), ("numpy", "numpy"),
-                       ("safetensors", "safetensors")]:
-        try:
-            out[name] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    out["cuda"] = torch.version.cuda or "none"
-    return out
-
-
-def save_run_info(run_dir: str | os.PathLike, cfg) -> None:
-    """Write the resolved config (``config.yaml``) and ``versions.json`` into ``run_dir``."""
-    from vlm.config import save_config
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=1), encoding="utf-8")
-
 
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed python, numpy and torch; each rank gets its own stream (dropout differs across ranks)."""
@@ -132,113 +86,50 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    mode: str = "none"  # none | ddp | fsdp2
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    backend: str | None = None
-    owns_group: bool = False  # init_distributed created the process group (so cleanup may destroy it)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.mode != "none"
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively. CPUs without AVX512-BF16/AMX (e.g. AVX2-only
+    AMD EPYC Milan) emulate bf16 in oneDNN: measured 10-15x *slower* than fp32 for a 4-layer width-128
+    transformer, so ``precision=auto`` picks fp32 there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on hardware with native bf16 math, else ``fp32``; others unchanged."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
-def init_distributed(mode: str = "auto", device: str = "auto") -> DistEnv:
-    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT). ``mode``: auto | none | ddp | fsdp2. Backend: NCCL on CUDA, gloo on CPU."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if mode == "auto":
-        mode = "ddp" if world > 1 else "none"
-    if mode == "none" and world > 1:
-        raise UserError(f"launched with WORLD_SIZE={world} (torchrun) but train.dist=none; set train.dist=ddp "
-                        f"or train.dist=fsdp2, or launch without torchrun")
-    if mode not in ("none", "ddp", "fsdp2"):
-        raise UserError(f"train.dist={mode!r}: choose auto, none, ddp or fsdp2")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    backend, owns = None, False
-    if mode != "none":
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        if not dist.is_initialized():
-            if "MASTER_ADDR" not in os.environ:  # a single process asked for ddp/fsdp2 without torchrun
-                if world > 1:
-                    raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun")
-                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                                  WORLD_SIZE="1")
-            dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(minutes=30),
-                                    device_id=dev if dev.type == "cuda" else None)
-            owns = True
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, mode=mode, device=dev, backend=backend,
-                   owns_group=owns)
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast on CPU or CUDA (fp32 master weights); a no-op context for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise UserError(f"train.precision={precision!r}: choose bf16 or fp32")
 
 
-def cleanup_distributed(env: DistEnv | None = None) -> None:
-    """Destroy the process group (only the one :func:`init_distributed` created, when ``env`` is given)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized() and (env is None or env.owns_group):
-        dist.destroy_process_group()
 
 
-def barrier(env: DistEnv) -> None:
-    import torch.distributed as dist
-
-    if env.distributed and dist.is_initialized():
-        dist.barrier()
-
-
-def any_rank(flag: bool, env: DistEnv) -> bool:
-    """True if ``flag`` is True on any rank (every rank gets the same answer, so they skip together)."""
-    if not env.distributed:
-        return bool(flag)
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+def total_steps(cfg, env) -> int:
+    """Optimizer steps of a recipe config (``cfg.train``, ``cfg.data``, ``cfg.optim``): ``train.steps``, or
+    ``train.epochs`` x ``data.epoch_samples`` (all ranks) / (batch x accumulation x world size)."""
+    if cfg.train.steps and cfg.train.steps > 0:
+        return cfg.train.steps
+    n = cfg.data.epoch_samples if cfg.data is not None else None
+    if cfg.train.epochs > 0 and n:
+        per_step = cfg.data.batch_size * cfg.optim.accum_steps * env.world_size
+        return max(1, cfg.train.epochs * n // per_step)
+    raise UserError("set train.steps, or train.epochs together with data.epoch_samples (samples per epoch, "
+                    "all ranks)")
 
 
-def all_gather_object(obj: Any, env: DistEnv) -> list:
-    if not env.distributed:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def global_mean(total: float, count: int, env: "DistEnv") -> float:
-    """``sum(total) / sum(count)`` over all ranks (NaN when nothing was counted), e.g. a validation loss."""
-    vals = all_gather_object((total, count), env)
-    t, c = sum(v[0] for v in vals), sum(v[1] for v in vals)
-    return t / c if c else float("nan")
 
 
 def resolve_resume_on_all_ranks(resume: str | None, ckpt_root, env: "DistEnv") -> str | None:
@@ -279,354 +170,218 @@ def open_run_dir(cfg, env: "DistEnv") -> tuple[Path, Path, str | None, str]:
     return run_dir, ckpt_root, resume, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
-def broadcast_object(obj: Any, env: DistEnv) -> Any:
-    if not env.distributed:
-        return obj
-    import torch.distributed as dist
 
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# ------------------------------------------------------------------------------------------ model wrap
-def apply_fsdp2(model: nn.Module) -> nn.Module:
-    """Shard each element of every ``nn.ModuleList`` (transformer blocks), then the root (FSDP2).
-
-    ``fully_shard`` refuses 0-dim parameters (the temperature ``logit_scale``, ``logit_bias``): they stay
-    replicated plain tensors (``ignored_params``) and :func:`sync_replicated_grads` averages their
-    gradients over ranks after the backward."""
-    from torch.distributed.fsdp import fully_shard
-
-    scalars = {p for p in model.parameters() if p.ndim == 0}
-    blocks = []
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList):
-            blocks.extend(m for m in mod if any(p.requires_grad for p in m.parameters()))
-    for b in blocks:
-        fully_shard(b, ignored_params=scalars or None)
-    fully_shard(model, ignored_params=scalars or None)
-    model._vlm_replicated_params = [p for p in scalars if p.requires_grad]
-    return model
-
-
-def sync_replicated_grads(model: nn.Module, env: "DistEnv") -> None:
-    """FSDP2: average the gradients of the parameters FSDP does not manage (see :func:`apply_fsdp2`) over
-    ranks; a no-op otherwise. Call once per optimizer step, after the last backward."""
-    params = getattr(model, "_vlm_replicated_params", None)
-    if env.mode != "fsdp2" or not params:
-        return
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.stack([p.grad.reshape(()) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG
-    flat /= env.world_size
-    for p, g in zip(params, flat):
-        p.grad.copy_(g.reshape(p.grad.shape))
-
-
-def wrap_model(model: nn.Module, env: DistEnv, *, compile: bool = False) -> nn.Module:
-    """Move to the device and wrap for training. Returns the module to call in the loop (DDP / FSDP2 /
-    compiled); ``model`` itself stays the unwrapped one to save and export (FSDP2 shards it in place)."""
-    model.to(env.device)
-    train_model: nn.Module = model
-    if env.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if not any(p.requires_grad for p in model.parameters()):
-            raise UserError("nothing to train: every parameter is frozen (check the model's lock/freeze config)")
-        train_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                          find_unused_parameters=False)
-    elif env.mode == "fsdp2":
-        train_model = apply_fsdp2(model)
-    if compile:
-        train_model = torch.compile(train_model)
-    return train_model
-
-
-def no_sync(train_model: nn.Module, env: DistEnv, sync: bool):
-    """Context that skips the gradient all-reduce of one backward (all but the last micro-batch)."""
-    if sync or not env.distributed:
-        return contextlib.nullcontext()
-    inner = getattr(train_model, "_orig_mod", train_model)
-    if env.mode == "ddp":
-        return inner.no_sync()
-
-    @contextlib.contextmanager
-    def fsdp_no_sync():
-        inner.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            inner.set_requires_gradient_sync(True)
-
-    return fsdp_no_sync()
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 matmuls natively. CPUs without AVX512-BF16/AMX (e.g. AVX2-only
-    AMD EPYC Milan) emulate bf16 in oneDNN: measured 10-15x *slower* than fp32 for a 4-layer width-128
-    transformer, so ``precision=auto`` picks fp32 there."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+# ------------------------------------------------------------------------------------------ the session
+@contextlib.contextmanager
+def recipe_session(cfg):
+    """Join the process group (torchrun's environment), pick the device, resolve ``train.precision=auto``
+    for that device (bf16 only where the hardware has bf16 math), and leave the group at the end.
+    Yields ``(cfg with the resolved precision, env)``."""
+    env = init_distributed(cfg.train.dist, cfg.train.device)
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, precision=resolve_precision(cfg.train.precision, env.device)))
+        yield cfg, env
+    finally:
+        cleanup_distributed(env)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on hardware with native bf16 math, else ``fp32``; others unchanged."""
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
+def check_common(cfg) -> None:
+    """Checks every recipe config gets before anything runs (one-line errors naming the key)."""
+    o, t = cfg.optim, cfg.train
+    if not (o.lr > 0):
+        raise UserError(f"optim.lr must be > 0, got {o.lr}")
+    for name in ("weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip"):
+        if getattr(o, name) < 0:
+            raise UserError(f"optim.{name} must be >= 0, got {getattr(o, name)}")
+    if o.accum_steps < 1:
+        raise UserError(f"optim.accum_steps must be >= 1, got {o.accum_steps}")
+    for name in ("steps", "epochs", "log_every", "ckpt_every", "keep_last", "threads", "stop_after",
+                 "max_bad_steps"):
+        if getattr(t, name) < 0:
+            raise UserError(f"train.{name} must be >= 0, got {getattr(t, name)}")
 
 
-def autocast(precision: str, device: torch.device):
-    """bf16 autocast on CPU or CUDA (fp32 master weights); a no-op context for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    raise UserError(f"train.precision={precision!r}: choose bf16 or fp32")
+# ------------------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """A started (or resumed) run: the parts every recipe loop uses, and the step bookkeeping they share."""
 
+    cfg: Any
+    env: DistEnv
+    run_dir: Path
+    ckpt_root: Path
+    config_yaml: str
+    model: nn.Module  # the unwrapped model: save and export this one
+    train_model: nn.Module  # what the loop calls (DDP / FSDP2 / compiled)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps: int
+    step: int = 0
+    resume: Optional[str] = None
+    data_positions: dict = field(default_factory=dict)  # this rank's loader states at the checkpoint
+    data_state: Callable[[], dict] = dict  # the recipe sets it: {stream name: stream.state_dict()}
+    logger: Any = None
+    guard: Any = None
+    last_ckpt: Optional[str] = None
+    first_loss: Optional[float] = None
+    last_loss: Optional[float] = None
+    _window: dict = field(default_factory=dict)
 
-# ----------------------------------------------------------------------------------------- optimizer
-_NO_DECAY_NAMES = ("logit_scale", "logit_bias", "temperature")
+    def data_position(self, name: str):
+        """The saved position of the stream ``name`` for this rank (None on a fresh start)."""
+        return self.data_positions.get(name)
 
+    def update(self, loss: float) -> tuple[bool, float]:
+        """After the backward passes of a step: average FSDP2's replicated gradients, clip, skip the update
+        on every rank when any loss or gradient is not finite, step the optimizer and the schedule."""
+        sync_replicated_grads(self.model, self.env)
+        return guarded_update(self.model, self.optimizer, self.scheduler, loss, self.cfg.optim.grad_clip, self.env)
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, part_lr: dict[str, float] | None = None
-                 ) -> list[dict]:
-    """AdamW groups keyed by (lr, decay). No decay on ``ndim < 2`` (biases, gains, scalars) or temperature
-    parameters; ``part_lr`` prefixes (longest match wins) set per-part learning rates. Frozen params are
-    left out. An unused ``part_lr`` prefix is an error (it is almost always a typo)."""
-    part_lr = dict(part_lr or {})
-    used = set()
-    groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        match = max((k for k in part_lr if name == k or name.startswith(k + ".")), key=len, default=None)
-        if match is not None:
-            used.add(match)
-        g_lr = part_lr[match] if match is not None else lr
-        decay = p.ndim >= 2 and not any(n in name for n in _NO_DECAY_NAMES)
-        key = (match or "", decay)
-        g = groups.setdefault(key, {"params": [], "names": [], "lr": g_lr,
-                                    "weight_decay": weight_decay if decay else 0.0,
-                                    "group": f"{match or 'default'}/{'decay' if decay else 'no_decay'}"})
-        g["params"].append(p)
-        g["names"].append(name)
-    unused = sorted(set(part_lr) - used)
-    if unused:
-        tops = sorted({n.split(".")[0] for n, _ in model.named_parameters()})
-        raise UserError(f"optim.part_lr prefix {unused[0]!r} matches no trainable parameter; "
-                        f"top-level modules are: {', '.join(tops)}")
-    if not groups:
-        raise UserError("nothing to train: every parameter is frozen (check the model's lock/freeze config)")
-    return list(groups.values())
+    def save(self) -> None:
+        """A checkpoint of this step (every rank calls it: state gathering is collective)."""
+        from vlm.checkpoint import save_training_state
 
+        pos = all_gather_object(self.data_state(), self.env)
+        self.last_ckpt = str(save_training_state(self.ckpt_root, self.step, self.model, self.optimizer,
+                                                 self.scheduler, self.env, extra={"data": pos},
+                                                 config_yaml=self.config_yaml, keep_last=self.cfg.train.keep_last))
+        self.logger.message(f"checkpoint {self.last_ckpt}")
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`. The fused kernel (one pass over all parameters, CPU and CUDA)
-    is used when every parameter is a plain float tensor; FSDP2's DTensors use the foreach path."""
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.part_lr)
-    for g in groups:
-        g.pop("names")  # AdamW keeps unknown keys; names would only bloat the optimizer state
-    params = [p for g in groups for p in g["params"]]
-    fused = all(type(p) is nn.Parameter and not hasattr(p, "full_tensor") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, fused=fused or None)
+    def _reset_window(self) -> None:
+        self._window = {"t": time.time(), "samples": 0, "steps": 0, "good": 0, "parts": {}, "counts": {}}
 
-
-def lr_multiplier(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
-    """Linear warm-up from 0 over ``warmup`` steps, then cosine / linear decay to ``min_ratio`` at
-    ``total``, or constant."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    span = max(1, total - warmup)
-    t = min(1.0, (step - warmup) / span)
-    if schedule == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    if schedule == "linear":
-        return min_ratio + (1 - min_ratio) * (1 - t)
-    raise UserError(f"optim.schedule={schedule!r}: choose cosine, linear or constant")
-
-
-def total_steps(cfg, env) -> int:
-    """Optimizer steps of a recipe config (``cfg.train``, ``cfg.data``, ``cfg.optim``): ``train.steps``, or
-    ``train.epochs`` x ``data.epoch_samples`` (all ranks) / (batch x accumulation x world size)."""
-    if cfg.train.steps and cfg.train.steps > 0:
-        return cfg.train.steps
-    n = cfg.data.epoch_samples if cfg.data is not None else None
-    if cfg.train.epochs > 0 and n:
-        per_step = cfg.data.batch_size * cfg.optim.accum_steps * env.world_size
-        return max(1, cfg.train.epochs * n // per_step)
-    raise UserError("set train.steps, or train.epochs together with data.epoch_samples (samples per epoch, "
-                    "all ranks)")
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    def fn(step: int) -> float:
-        return lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr_ratio)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
-
-
-def clip_grads(model: nn.Module, max_norm: float) -> float:
-    """Clip the global grad norm to ``max_norm`` (<= 0: no clipping). DDP grads are already averaged;
-    FSDP2 grads are DTensor shards (their norm is reduced over ranks) mixed with replicated plain tensors.
-    Returns the norm before clipping (inf/nan when some gradient is not finite)."""
-    from torch.nn.utils import get_total_norm
-
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    sharded = [g for g in grads if hasattr(g, "full_tensor")]
-    plain = [g for g in grads if not hasattr(g, "full_tensor")]
-    norms = []
-    if sharded:
-        n = get_total_norm(sharded, 2.0)
-        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
-    if plain:
-        norms.append(get_total_norm(plain, 2.0))
-    total = float(torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms])))
-    if max_norm and max_norm > 0 and math.isfinite(total) and total > max_norm:
-        coef = max_norm / (total + 1e-6)
-        for g in grads:
-            g.mul_(coef)
-    return total
-
-
-def guarded_update(model: nn.Module, optimizer, scheduler, loss: float, grad_clip: float,
-                   env: DistEnv) -> tuple[bool, float]:
-    """One optimizer update after the backward passes of a step, shared by both recipes: clip the gradients,
-    skip the update on every rank when any rank's loss or gradient norm is not finite, then clear the
-    gradients and advance the schedule either way. Returns (skipped, grad norm before clipping); the caller
-    counts the step and feeds ``skipped`` to its :class:`NonFiniteGuard`."""
-    grad_norm = clip_grads(model, grad_clip)
-    bad = any_rank(not (math.isfinite(loss) and math.isfinite(grad_norm)), env)
-    if not bad:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return bad, grad_norm
-
-
-class NonFiniteGuard:
-    """Count non-finite steps; ``max_bad`` consecutive ones stop the run with an error that names the
-    last good checkpoint."""
-
-    def __init__(self, max_bad: int):
-        self.max_bad = max_bad
-        self.total = 0
-        self.consecutive = 0
-
-    def update(self, bad: bool, step: int, last_checkpoint: str | os.PathLike | None) -> None:
+    def end_step(self, losses: dict[str, float], bad: bool, grad_norm: float, *, samples: int,
+                 counts: dict[str, int] | None = None, extra: Callable[[], dict] | None = None) -> bool:
+        """Count the step, feed the non-finite guard, log every ``train.log_every`` steps (the losses
+        averaged over the good steps of the window, lr per group, grad norm, samples/s over all ranks,
+        non-finite steps, ``counts`` summed over the window, the recipe's ``extra()``), and checkpoint
+        periodically (never inside a bad streak, so ``last_ckpt`` stays a good one) and at the last step.
+        Returns True when the run stops here (``train.stop_after``)."""
+        t, w = self.cfg.train, self._window
+        self.step += 1
+        self.guard.update(bad, self.step, self.last_ckpt)
+        w["samples"] += samples * self.env.world_size
+        w["steps"] += 1
+        for k, v in (counts or {}).items():
+            w["counts"][k] = w["counts"].get(k, 0) + v
         if not bad:
-            self.consecutive = 0
-            return
-        self.total += 1
-        self.consecutive += 1
-        if self.max_bad > 0 and self.consecutive >= self.max_bad:
-            where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
-                     else "no checkpoint was written yet")
-            raise TrainingDiverged(
-                f"{self.consecutive} consecutive steps with a non-finite loss or gradient (up to step {step}); "
-                f"{where}. Resume from it with a lower optim.lr, more optim.warmup_steps, a tighter "
-                f"optim.grad_clip or train.precision=fp32 (train.resume={last_checkpoint or 'latest'})")
-
-
-# ------------------------------------------------------------------------------- training checkpoints
-# Model + optimizer + scheduler + per-rank RNG checkpoints live in vlm.checkpoint (re-exported here).
-from vlm.checkpoint import gather_model_state, load_training_state, save_training_state  # noqa: E402,F401
-
-
-# --------------------------------------------------------------------------------------------- logging
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    return str(datetime.timedelta(seconds=int(seconds)))
-
-
-class RunLogger:
-    """Rank-0 logging: a tqdm bar (terminal) or one line per call (files, CI), ``metrics.jsonl`` and
-    TensorBoard (``run_dir/tb``). On other ranks every method is a no-op."""
-
-    def __init__(self, run_dir: str | os.PathLike, total_steps: int, start_step: int = 0, *, enabled: bool = True,
-                 progress: bool = True, tensorboard: bool = True):
-        self.enabled = enabled
-        self.total = total_steps
-        self.bar = None
-        self.tb = None
-        self.jsonl = None
-        if not enabled:
-            return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-        if progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
-        self._last_step = start_step
-        self._t0 = time.time()
-        self._step0 = start_step
-
-    def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:
-        """Write one record (``step``, metrics, wall time); update the bar / print a line (``show``)."""
-        if not self.enabled:
-            return
-        rec = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(rec) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k.replace(".", "/"), v, step)
-        if not show:
-            return
-        rate = (step - self._step0) / max(1e-9, time.time() - self._t0)
-        eta = _fmt_eta((self.total - step) / rate if rate > 0 else float("inf"))
-        short = {k: v for k, v in rec.items() if k in ("loss", "samples_per_s", "lr")}
-        if self.bar is not None:
-            self.bar.update(step - self._last_step)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in short.items()}, refresh=False)
+            self.first_loss = losses["loss"] if self.first_loss is None else self.first_loss
+            self.last_loss = losses["loss"]
+            w["good"] += 1
+            for k, v in losses.items():
+                w["parts"][k] = w["parts"].get(k, 0.0) + v
         else:
-            parts = " ".join(f"{k} {v:.4g}" for k, v in short.items())
-            print(f"step {step}/{self.total} {parts} eta {eta}", file=sys.stderr, flush=True)
-        self._last_step = step
+            self.logger.message(f"step {self.step}: non-finite loss/gradient, update skipped "
+                                f"({self.guard.consecutive} in a row, {self.guard.total} total)")
+        if self.step % max(1, t.log_every) == 0 or self.step == self.steps:
+            dt = max(1e-9, time.time() - w["t"])
+            rec = {k: v / max(1, w["good"]) for k, v in w["parts"].items()}
+            groups = self.optimizer.param_groups
+            if len({g["lr"] for g in groups}) > 1:
+                rec.update({f"lr/{g.get('group', i)}": g["lr"] for i, g in enumerate(groups)})
+            rec.update(lr=groups[0]["lr"], grad_norm=grad_norm, samples_per_s=w["samples"] / dt,
+                       nonfinite_steps=self.guard.total, **({"counts": dict(w["counts"])} if w["counts"] else {}))
+            rec.update(extra() if extra is not None else {})
+            self.logger.log(self.step, rec)
+            self._reset_window()
+        stopping = bool(t.stop_after and self.step >= t.stop_after)
+        periodic = t.ckpt_every and self.step % t.ckpt_every == 0 and self.guard.consecutive == 0
+        if periodic or self.step == self.steps or stopping:
+            self.save()
+            self._window["t"] = time.time()
+        if stopping:
+            self.logger.message(f"stopping at step {self.step} (train.stop_after); resume with train.resume=latest")
+        return stopping
 
-    def message(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, file=sys.stderr, flush=True)
+    def summary(self, **extra) -> dict:
+        return {"step": self.step, "first_loss": self.first_loss, "loss": self.last_loss, "run_dir": str(self.run_dir),
+                "checkpoint": str(self.last_ckpt), "nonfinite_steps": self.guard.total, **extra}
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
+    def stopped(self) -> dict:
+        """The summary of a run stopped by ``train.stop_after`` (no final export)."""
+        self.logger.close()
+        return self.summary(final_dir=None)
+
+    def finish(self, final_dir: Path | None, val_loss: float | None = None) -> dict:
+        self.logger.close()
+        return self.summary(final_dir=str(final_dir) if final_dir else None, val_loss=val_loss)
 
 
-def _plain(v):
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if dataclasses.is_dataclass(v):
-        return dataclasses.asdict(v)
-    return v
+def setup_run(cfg, env: DistEnv, build_model: Callable[[], nn.Module]) -> Run:
+    """Everything before a recipe's loop (see the module docstring). ``build_model()`` builds the raw model
+    from ``cfg``; it is called with the same seed on every rank."""
+    from vlm.checkpoint import load_training_state
+
+    check_common(cfg)
+    set_threads(cfg.train.threads)
+    run_dir, ckpt_root, resume, config_yaml = open_run_dir(cfg, env)
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model()
+    if cfg.train.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise UserError(f"train.grad_checkpointing: {type(model).__name__} has no gradient checkpointing")
+        model.set_grad_checkpointing(True)
+    seed_everything(cfg.train.seed, env.rank)
+    train_model = wrap_model(model, env, compile=cfg.train.compile)
+    optimizer = build_optimizer(model, cfg.optim)
+    steps = total_steps(cfg, env)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps)
+    run = Run(cfg=cfg, env=env, run_dir=run_dir, ckpt_root=ckpt_root, config_yaml=config_yaml, model=model,
+              train_model=train_model, optimizer=optimizer, scheduler=scheduler, steps=steps, resume=resume,
+              last_ckpt=resume)
+    if resume:
+        state = load_training_state(resume, model, optimizer, scheduler, env)
+        run.step = int(state["step"])
+        pos = state.get("data") or []
+        if len(pos) != env.world_size:
+            raise UserError(f"checkpoint {resume} was written by {len(pos)} ranks, this run has {env.world_size}: "
+                            f"the data position cannot be mapped; resume with the same number of processes")
+        run.data_positions = dict(pos[env.rank] or {})
+    run.logger = RunLogger(run_dir, steps, run.step, enabled=env.is_main, progress=cfg.train.progress,
+                           tensorboard=cfg.train.tensorboard)
+    if resume:
+        run.logger.message(f"resumed from {resume} at step {run.step}")
+    run.guard = NonFiniteGuard(cfg.train.max_bad_steps)
+    run._reset_window()
+    return run
+
+
+def export_final(run: Run, rebuild: Callable[[], nn.Module], write: Callable[[nn.Module, Path], None]) -> Path:
+    """``run_dir/final`` <- ``write(model, dir)`` on rank 0 (every rank calls this). Under FSDP2 the full
+    weights are gathered into a fresh unsharded ``rebuild()`` first (collective); on CUDA the model is
+    written from the CPU and moved back."""
+    from vlm.checkpoint import gather_model_state
+
+    out_dir = run.run_dir / "final"
+    env, model = run.env, run.model
+    state = gather_model_state(model, env) if env.mode == "fsdp2" else None
+    if env.is_main:
+        export = model
+        if state is not None:
+            export = rebuild()
+            export.load_state_dict(state)
+        moved = state is None and env.device.type != "cpu"
+        if moved:
+            export = export.to("cpu")
+        write(export, out_dir)
+        if moved:
+            model.to(env.device)
+    barrier(env)
+    return out_dir
+
+
+def next_or_new_epoch(stream, it, what: str, env: DistEnv):
+    """``(batch, iterator)``: the next batch of ``stream``; at the end of this rank's pass the stream starts
+    its next epoch (ranks may roll over at different steps; no rank waits). An empty pass is an error."""
+    for attempt in range(2):
+        if it is None:
+            it = iter(stream)
+        try:
+            return next(it), it
+        except StopIteration:
+            it = None
+            if attempt == 0:
+                stream.set_epoch(stream.epoch + 1)
+    raise UserError(f"rank {env.rank} got no samples from {what}: check the shard pattern and languages, or use "
+                    f"fewer processes/workers than shards")

@@ -21,8 +21,7 @@ start). A directory without a valid ``meta.json`` or with a file whose hash diff
 resumes from a half-written or corrupted checkpoint (HF Trainer's habit of trusting the highest number
 is the trap this avoids, FINDINGS.md).
 
-Training state (``save_training_state`` / ``load_training_state``, used by the recipes through
-``train.common``): model + optimizer + scheduler + per-rank RNG (+ the caller's extras such as data
+Training state (``save_training_state`` / ``load_training_state``, used by the recipes): model + optimizer + scheduler + per-rank RNG (+ the caller's extras such as data
 positions). Every rank calls them; under FSDP2 the full state dicts come from
 ``torch.distributed.checkpoint.state_dict`` helpers (collective, rank 0 receives with ``cpu_offload``)
 and rank 0 writes; every rank reads the files on resume (a shared file system, or copy the directory).
@@ -34,14 +33,13 @@ python, numpy and torch (CPU + CUDA) generator states into tensors/primitives th
 
 The model/optimizer state dicts come from the caller: under FSDP2 the training code gathers full state
 dicts with ``torch.distributed.checkpoint.state_dict`` helpers and calls ``save_checkpoint`` on rank 0
-only (see ``train/common.py``).
+only (see ``vlm.train.common``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -52,7 +50,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlm.distributed import all_gather_object, barrier
 from vlm.errors import UserError
+from vlm.rng import capture_rng_state, restore_rng_state
 
 STEP_RE = re.compile(r"^step-(\d{8,})$")
 TMP_PREFIX = ".tmp-step-"
@@ -135,46 +135,6 @@ def load_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     return load_file(str(path), device=device)
 
 
-# ------------------------------------------------------------------------------------------------- RNG
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy and torch generator states as tensors / primitives (``weights_only``-loadable)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    py = random.getstate()  # (version, tuple of 625 ints, gauss_next)
-    state["python"] = {"version": py[0], "state": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]}
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached": float(cached)}
-    except ImportError:  # numpy is optional for torch
-        pass
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    if "numpy" in state:
-        import numpy as np
-
-        n = state["numpy"]
-        np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"],
-                             n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            warnings.warn(f"checkpoint has CUDA RNG states for {len(cuda)} devices, this machine has "
-                          f"{torch.cuda.device_count()}: CUDA RNG not restored")
-
-
-# ----------------------------------------------------------------------------------------------- save
 def clean_stale(root: str | os.PathLike) -> list[Path]:
     """Remove temp directories left by a crash mid-write. Call once, from one process, before training."""
     root = Path(root)
@@ -333,24 +293,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu", check: bool
 
 
 # ------------------------------------------------------------------------------- training state
-# ``env`` is ``train.common.DistEnv`` (mode: none|ddp|fsdp2, rank, world_size, is_main, distributed).
-def _barrier(env) -> None:
-    import torch.distributed as dist
-
-    if env.distributed and dist.is_initialized():
-        dist.barrier()
-
-
-def _all_gather_object(obj: Any, env) -> list:
-    if not env.distributed:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
+# ``env`` is ``vlm.distributed.DistEnv`` (mode: none|ddp|fsdp2, rank, world_size, is_main, distributed).
 def _state_options(env, full: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -381,14 +324,14 @@ def save_training_state(root: str | os.PathLike, step: int, model: nn.Module, op
         optim_state = get_optimizer_state_dict(model, optimizer, options=_state_options(env, True))
     else:
         optim_state = optimizer.state_dict()
-    rng = _all_gather_object(capture_rng_state(), env)
+    rng = all_gather_object(capture_rng_state(), env)
     path = Path(root) / checkpoint_name(step)
     if env.is_main:
         train_state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng,
                        "world_size": env.world_size, **(extra or {})}
         save_checkpoint(root, step, model_state, train_state, config_yaml=config_yaml, keep_last=keep_last,
                         meta={"world_size": env.world_size})
-    _barrier(env)
+    barrier(env)
     return path
 
 

@@ -15,6 +15,7 @@ from vlm.config import ConfigError
 from vlm.data.batch import IGNORE_INDEX
 from vlm.errors import UserError
 from vlm.llms.base import IMAGE_TOKEN, LanguageModel
+from vlm.towers.base import check_aux
 from vlm.vision_llm.loss import token_loss
 from vlm.vision_llm.prompts import make_prompt
 from vlm.vision_llm.tokenize import PromptBuilder
@@ -42,16 +43,20 @@ class VisionLLMConfig:
     """Per-part learning rates (tower, projector, llm); a missing part uses the optimizer's base lr."""
     lang_control: Literal["token", "instruction", "both"] = "instruction"
     default_lang: str = "en"
-    caption_templates: dict[str, str] = field(default_factory=dict)
-    """Per-language caption instructions replacing the built-in table; ``"*"``: any other language. Set them
-    to the prompts the data stage trains with (e.g. ``{"*": "Caption the image in {lang_name}:"}``)."""
-    vqa_templates: dict[str, str] = field(default_factory=dict)
+    prompts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    """Instructions per task and language, ``{caption: {lang: [templates]}, vqa: {...}}`` (``"*"``: any other
+    language; VQA templates hold ``{question}``), replacing the built-in table of that task. Training draws one
+    template per sample, generation takes the first: the one place a prompt is decided
+    (:mod:`vlm.vision_llm.prompts`)."""
     max_target_length: int = 64
     save_frozen_tower: bool = True
     """Save a frozen tower's weights too. Needed when its spec builds random weights (``tiny:vit``); set
     False for a large pretrained tower that its spec rebuilds (a fingerprint check guards the rebuild)."""
 
     def check(self) -> None:
+        from vlm.vision_llm.prompts import check_prompts
+
+        check_prompts(self.prompts)
         bad = [k for k in self.trainable if k not in _TRAINABLE]
         if bad:
             raise ConfigError(f"trainable has unknown part(s) {bad}; parts are {list(_TRAINABLE)}")
@@ -140,7 +145,9 @@ class VisionLLM(nn.Module):
         :class:`PromptBuilder`; ids a data collate made from the same strings are replaced, since they carry
         no placeholders and a decoder-only layout. Without ``target``, ``input_ids``/``labels`` must come
         from this model's ``prompt_builder`` already. A batch prepared once is returned unchanged."""
-        if batch.get("_prepared_for") == id(self.prompt_builder):
+        from vlm.vision_llm.collate import PREPARED
+
+        if batch.get(PREPARED):
             return batch
         if "target" in batch:
             B = len(batch["target"])
@@ -152,7 +159,7 @@ class VisionLLM(nn.Module):
         else:
             raise UserError("a vision-LLM training batch needs 'target' texts (or input_ids + labels made by "
                             "the model's prompt_builder)")
-        return {**batch, **enc, "_prepared_for": id(self.prompt_builder)}
+        return {**batch, **enc, PREPARED: True}
 
     def num_target_tokens(self, batch: dict) -> int:
         """Target tokens ``forward`` averages over (prepare the batch once and reuse it)."""
@@ -160,13 +167,15 @@ class VisionLLM(nn.Module):
         return int((labels[:, 1:] if not self.llm.is_encoder_decoder else labels).ne(IGNORE_INDEX).sum())
 
     def encode_images(self, pixels: torch.Tensor, **ctx) -> tuple[torch.Tensor, dict]:
-        """``pixels`` uint8 or normalised float ``[B, 3, S, S]`` -> (visual ``[B, M, H]``, aux dict)."""
+        """``pixels`` uint8 or normalised float ``[B, 3, S, S]`` -> (visual ``[B, M, H]``, aux): the tower's
+        aux entries (``img/...``) and the projector's (``proj/...``); ``ctx`` goes to the projector."""
         if pixels.dtype == torch.uint8:
             pixels = self.image_preprocess.normalize(pixels)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.mode("tower") == "full"):
-            tokens = self.tower(pixels)
-        visual, aux = self.projector(tokens, **ctx)
-        return visual, {(k if k.startswith("proj/") else f"proj/{k}"): v for k, v in (aux or {}).items()}
+            tokens, tower_aux = self.tower(pixels)
+        visual, proj_aux = self.projector(tokens, **ctx)
+        return visual, {**check_aux(tower_aux, "img/", f"tower {self.config.tower}"),
+                        **check_aux(proj_aux, "proj/", f"projector {self.config.projector}")}
 
     def join(self, input_ids: torch.Tensor, text_embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """Scatter ``visual [B, M, H]`` into the rows of ``text_embeds [B, L, H]`` where ``input_ids [B, L]``
@@ -181,7 +190,7 @@ class VisionLLM(nn.Module):
 
     def embed_inputs(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """-> (``inputs_embeds [B, L, H]`` with image rows filled, projector aux)."""
+        """-> (``inputs_embeds [B, L, H]`` with image rows filled, the tower's and projector's aux)."""
         text_embeds = self.llm.embed(input_ids)
         text_mask = attention_mask.bool() & (input_ids != self.llm.image_token_id)
         if labels is not None and not self.llm.is_encoder_decoder:
@@ -191,13 +200,21 @@ class VisionLLM(nn.Module):
 
     def make_prompt(self, task: str, lang: str, question: str | None = None) -> str:
         """:func:`make_prompt` with this model's ``lang_control`` and templates (training = generation)."""
-        tmpls = self.config.caption_templates if task == "caption" else self.config.vqa_templates
-        return make_prompt(task, lang, question, self.config.lang_control, tmpls)
+        return make_prompt(task, lang, question, self.config.lang_control, self.config.prompts.get(task))
+
+    def collate(self, task: str, *, seed: int = 0, image_blind: bool = False) -> "VisionLLMCollate":
+        """The picklable batch builder a data loader runs in its workers for ``task`` (caption | vqa):
+        prompts from this model's ``prompts`` and tokens from its ``prompt_builder``."""
+        from vlm.vision_llm.collate import VisionLLMCollate
+
+        return VisionLLMCollate(self.prompt_builder, task, self.config.prompts.get(task),
+                                lang_control=self.config.lang_control, seed=seed, image_blind=image_blind)
 
     # -- training forward ------------------------------------------------------------------------------
     def forward(self, batch: dict, num_items_in_batch: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``batch``: pixels ``[B,3,S,S]`` + (``target``/``prompt``/``lang``) or (``input_ids``,
-        ``attention_mask``, ``labels``) -> ``{"lm_loss", "proj/...", "lm/loss_sum", "lm/n_tokens"}``.
+        ``attention_mask``, ``labels``) -> ``{"lm_loss", "img/...", "proj/...", "lm/loss_sum", "lm/n_tokens"}``
+        (the tower's and projector's ``*_loss`` aux entries are loss terms next to ``lm_loss``).
         ``num_items_in_batch``: target tokens of all accumulated micro-batches (see the module docstring)."""
         b = self.prepare_batch(batch)
         dev = b["pixels"].device

@@ -1,12 +1,17 @@
 """Instruction prompts of the vision-LLM: the built-in per-language template tables and :func:`make_prompt`.
 
-This is the one place a vision-LLM's instruction is decided, for training batches and generation alike:
-``lang_control="token"`` gives the language-neutral English instruction (the ``<2xx>`` token is added at
-tokenisation); otherwise the template of the language, then ``"*"``, then the English one naming the
-language.
+This is the one place a vision-LLM's instruction is decided, for training batches (the model's collate,
+in the loader workers), validation and generation alike: the model config's ``prompts`` (``{task: {lang:
+[templates]}}``, ``"*"`` any other language), else the built-in table below, else an English instruction
+naming the language; ``lang_control="token"`` with no ``prompts`` gives the language-neutral English
+instruction (the ``<2xx>`` token is added at tokenisation).
 """
 from __future__ import annotations
 
+import random
+from typing import Mapping, Sequence
+
+from vlm.data.prompts import stable_seed
 from vlm.errors import UserError
 
 CAPTION_TEMPLATES = {
@@ -31,13 +36,17 @@ _FALLBACK = {"caption": "A short image caption in {lang_name}:", "vqa": "Questio
 
 
 def make_prompt(task: str, lang: str, question: str | None = None, lang_control: str = "instruction",
-                templates: dict[str, str] | None = None) -> str:
+                templates: Mapping[str, Sequence[str]] | None = None, *, key: str | None = None,
+                seed: int = 0) -> str:
     """Instruction text for ``task`` ("caption" | "vqa") in language ``lang`` (a code, normalised here).
 
-    ``lang_control="token"`` gives the language-neutral English instruction (the ``<2xx>`` token is added
-    at tokenisation). Otherwise the template of ``lang`` from ``templates`` (a table that replaces the
-    built-in one when given; the key ``"*"`` is the fallback for any language, as in :mod:`vlm.data.prompts`),
-    else the English one naming the language. Placeholders: ``{question}``, ``{lang_name}``, ``{lang}``."""
+    ``templates``: ``{lang: [template, ...]}`` for this task (the model's ``prompts[task]``; ``"*"`` is the
+    fallback for any other language); when given it replaces the built-in table. With several templates
+    for a language, a training sample (``key`` given) gets one drawn from ``(seed, key, lang)`` (the same on
+    resume, in any worker); generation (``key=None``) takes the first. Without templates: the built-in
+    template of the language, else the English one naming the language. ``lang_control="token"`` gives
+    the language-neutral English instruction (the ``<2xx>`` token is added at tokenisation).
+    Placeholders: ``{question}``, ``{lang_name}``, ``{lang}``."""
     from vlm.data.langs import lang_name, normalize_lang
 
     if task not in _NEUTRAL:
@@ -45,15 +54,34 @@ def make_prompt(task: str, lang: str, question: str | None = None, lang_control:
     if task == "vqa" and not question:
         raise UserError("a VQA prompt needs a question (--question)")
     code = normalize_lang(lang)
-    own = templates or {}
-    if lang_control == "token":
+    if lang_control == "token" and not templates:
         tmpl = _NEUTRAL[task]
+    elif templates:
+        options = templates.get(code) or templates.get("*") or [_FALLBACK[task]]
+        if isinstance(options, str):
+            options = [options]
+        tmpl = options[0] if key is None or len(options) == 1 else \
+            options[random.Random(stable_seed(seed, "prompt", task, key, code)).randrange(len(options))]
     else:
-        table = own or (CAPTION_TEMPLATES if task == "caption" else VQA_TEMPLATES)
-        tmpl = table.get(code) or table.get("*") or _FALLBACK[task]
+        table = CAPTION_TEMPLATES if task == "caption" else VQA_TEMPLATES
+        tmpl = table.get(code) or _FALLBACK[task]
     try:
         return tmpl.format(question=question or "", lang_name=lang_name(code), lang=code)
     except (KeyError, IndexError) as e:
         raise UserError(f"prompt template {tmpl!r} has an unknown placeholder {e}; use {{question}}, "
                         "{lang_name} or {lang}") from None
 
+
+def check_prompts(prompts: Mapping[str, Mapping[str, Sequence[str]]]) -> None:
+    """``model.prompts`` is ``{task: {lang: [templates]}}`` with tasks caption / vqa; VQA templates need
+    ``{question}``. One-line errors naming the entry."""
+    from vlm.config import ConfigError
+
+    for task, table in prompts.items():
+        if task not in _NEUTRAL:
+            raise ConfigError(f"model.prompts has unknown task {task!r}; use model.prompts.caption / model.prompts.vqa")
+        for lang, tmpls in table.items():
+            if not tmpls:
+                raise ConfigError(f"model.prompts.{task}[{lang!r}] is empty; give at least one template")
+            if task == "vqa" and any("{question}" not in t for t in tmpls):
+                raise ConfigError(f"model.prompts.vqa[{lang!r}]: every VQA template needs {{question}}")
