@@ -51,6 +51,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def on_features(loss):
+    """Call a vlm loss (which reads the model's output dict) with the features positionally, as open_clip's."""
+    def call(i, t, s=None, c=None, **kw):
+        return loss({"image_features": i, "text_features": t, "logit_scale": s, "logit_bias": c}, **kw)
+    return call
+
+
 class Tiny(nn.Module):
     """Linear image and text "towers" + temperature and bias: the DDP model of the checks."""
 
@@ -159,7 +166,7 @@ def _checks(rank, world, real_ddp):
         ref.backward()
         li, lt = gi[sl].detach().clone().requires_grad_(), gt[sl].detach().clone().requires_grad_()
         ls, lc = s.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
-        out = loss_fn(li, lt, ls, lc)["contrastive_loss"]
+        out = on_features(loss_fn)(li, lt, ls, lc)["contrastive_loss"]
         out.backward()
         value_ok = _close(_all_mean(out), ref) and (local_value or _close(out, ref))
         ok = {"value": value_ok,
@@ -181,7 +188,7 @@ def _checks(rank, world, real_ddp):
         _ref_loss(kind, ref_model(xi, xt), world, extra).backward()
         model = wrap(Tiny())
         if k_micro == 1:
-            loss_fn(**model(xi[sl], xt[sl]))["contrastive_loss"].backward()
+            loss_fn(model(xi[sl], xt[sl]))["contrastive_loss"].backward()
         else:  # GradCache over k micro-batches of this rank's slice
             mbs = [(xi[sl][m::k_micro], xt[sl][m::k_micro]) for m in range(k_micro)]
             grad_cache_step(lambda mb: model(*mb), mbs, loss_fn, no_sync=getattr(model, "no_sync", None))
@@ -245,19 +252,19 @@ def _checks(rank, world, real_ddp):
     fn, tsl = DecoupledSoftmaxLoss(), slice(offs[rank], offs[rank + 1])
     li, lt, ls = gi[sl].detach().clone().requires_grad_(), gt[tsl].detach().clone().requires_grad_(), \
         s.detach().clone().requires_grad_()
-    v = fn(li, lt, ls, text_to_image=t2i[rank])["contrastive_loss"]
+    v = on_features(fn)(li, lt, ls, text_to_image=t2i[rank])["contrastive_loss"]
     v.backward()
     res["decoupled"] = {"value": _close(v, ref), "grad_image": _close(li.grad, world * gi.grad[sl]),
                         "grad_text": _close(lt.grad, world * gt.grad[tsl]),
                         "grad_scale": _close(_all_mean(ls.grad), s.grad)}
     model = wrap(Tiny())
-    fn(**model(xi[sl], xd[rank]), text_to_image=t2i[rank])["contrastive_loss"].backward()
+    fn(model(xi[sl], xd[rank]), text_to_image=t2i[rank])["contrastive_loss"].backward()
     ref_params = dict(ref_model.named_parameters())
     res["ddp_decoupled"] = {n: _close(p.grad, ref_params[n].grad, 1e-8)
                             for n, p in unwrap(model).named_parameters() if n != "bias"}  # bias: no effect
     # a mismatched local batch is a clear error on every rank, not a hang
     try:
-        ClipLoss()(torch.randn(B_LOCAL + rank, E), torch.randn(B_LOCAL + rank, E), 1.0)
+        on_features(ClipLoss())(torch.randn(B_LOCAL + rank, E), torch.randn(B_LOCAL + rank, E), 1.0)
         res["uneven_batch_error"] = {"raised": False}
     except ValueError as e:
         res["uneven_batch_error"] = {"raised": "same per-rank batch" in str(e)}
