@@ -24,8 +24,8 @@ def test_padding_does_not_change_the_embedding():
     tok = tower.tokenizer
     a = tok(["circle"])
     b = tok(["circle", "a much longer caption with many words in it"])
-    ea = tower.encode(a["input_ids"], a["attention_mask"])
-    eb = tower.encode(b["input_ids"], b["attention_mask"])[:1]
+    ea, _ = tower.encode(a["input_ids"], a["attention_mask"])
+    eb = tower.encode(b["input_ids"], b["attention_mask"])[0][:1]
     assert torch.allclose(ea, eb, atol=1e-6)
 
 

@@ -106,10 +106,11 @@ def test_tiny_towers_shapes_all_scripts_and_overrides():
     vit = registry.build("tower", "tiny:vit")
     assert (vit.width, vit.num_tokens, vit.preprocess.image_size) == (32, 17, 32)
     px = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    assert vit(vit.preprocess.normalize(px)).shape == (2, 17, 32) and vit.encode(px).shape == (2, 32)
+    tokens, aux = vit(vit.preprocess.normalize(px))
+    assert tokens.shape == (2, 17, 32) and aux == {} and vit.encode(px)[0].shape == (2, 32)
     txt = registry.build("tower", "tiny:text")
     enc = txt.tokenizer(["hello", "مرحبا بالعالم", "नमस्ते दुनिया", "你好，世界", "Привет"])
-    emb = txt.encode(enc["input_ids"], enc["attention_mask"])
+    emb, _ = txt.encode(enc["input_ids"], enc["attention_mask"])
     assert emb.shape == (5, 32) and torch.isfinite(emb).all()
     assert txt.tokenizer.decode(enc["input_ids"][3]) == "你好，世界"
     big = registry.build("tower", "tiny:vit", width=128, depth=3, image_size=64, patch_size=16)
@@ -118,7 +119,7 @@ def test_tiny_towers_shapes_all_scripts_and_overrides():
     # padding does not change a text's embedding (key-padding mask)
     a = txt.tokenizer(["hallo"], context_length=16)
     b = txt.tokenizer(["hallo"], context_length=40)
-    torch.testing.assert_close(txt.encode(**a), txt.encode(**b))
+    torch.testing.assert_close(txt.encode(**a)[0], txt.encode(**b)[0])
 
 
 def test_tiny_pretrained_roundtrip_and_errors(tmp_path):
@@ -128,7 +129,7 @@ def test_tiny_pretrained_roundtrip_and_errors(tmp_path):
     save_model(t, str(tmp_path / "t.safetensors"))
     t2 = registry.build("tower", "tiny:text", width=64, pretrained=str(tmp_path / "t.safetensors"))
     ids = t.tokenizer(["x y"])
-    torch.testing.assert_close(t.encode(**ids), t2.encode(**ids))
+    torch.testing.assert_close(t.encode(**ids)[0], t2.encode(**ids)[0])
     with pytest.raises(SpecError, match="tiny:vit, tiny:vit-s"):
         registry.build("tower", "tiny:vitt")
     with pytest.raises(SpecError, match="image tower"):
@@ -149,15 +150,15 @@ def test_open_clip_parity_vit(parts, fmt):
     img = registry.build("tower", f"open_clip:{OC_ARCH}", side="image", pretrained=path).eval()
     txt = registry.build("tower", f"open_clip:{OC_ARCH}", side="text", pretrained=path).eval()
     x = torch.randn(3, 3, 32, 32)
-    torch.testing.assert_close(img.encode(x), ref.encode_image(x), atol=1e-5, rtol=0)
-    assert img(x).shape == (3, img.num_tokens, img.width) == (3, 17, 32) and img.embed_dim == 24
+    torch.testing.assert_close(img.encode(x)[0], ref.encode_image(x), atol=1e-5, rtol=0)
+    assert img(x)[0].shape == (3, img.num_tokens, img.width) == (3, 17, 32) and img.embed_dim == 24
     enc = txt.tokenizer(TEXTS)
     assert enc["input_ids"].shape == (4, 16)
     assert enc["attention_mask"].sum(1).tolist() == (enc["input_ids"] != 0).sum(1).tolist()
     want = ref.encode_text(enc["input_ids"])
-    torch.testing.assert_close(txt.encode(**enc), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(txt.encode(**enc)[0], want, atol=1e-5, rtol=0)
     # pooling from the mask alone (no ids) lands on the same EOT token
-    torch.testing.assert_close(txt.pool(txt(**enc), enc["attention_mask"]), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(txt.pool(txt(**enc)[0], enc["attention_mask"]), want, atol=1e-5, rtol=0)
     pc = open_clip.get_model_preprocess_cfg(ref)
     assert img.preprocess.mean == tuple(pc["mean"]) and img.preprocess.image_size == 32
     assert img.pretrained_logit_scale == pytest.approx(3.0)
@@ -174,8 +175,8 @@ def test_open_clip_resnet_and_hf_text_parity(parts, tmp_path):
     ref = open_clip.create_model(OC_RN_ARCH, pretrained=str(parts[OC_RN_ARCH])).eval()
     img = registry.build("tower", f"open_clip:{OC_RN_ARCH}", side="image", pretrained=str(parts[OC_RN_ARCH])).eval()
     x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(img.encode(x), ref.encode_image(x), atol=1e-5, rtol=0)
-    assert img(x).shape == (2, img.num_tokens, img.width) == (2, 4, 256)
+    torch.testing.assert_close(img.encode(x)[0], ref.encode_image(x), atol=1e-5, rtol=0)
+    assert img(x)[0].shape == (2, img.num_tokens, img.width) == (2, 4, 256)
     # an open_clip architecture whose text tower is a (multilingual) HF encoder from a local dir
     cfg = {"embed_dim": 24, "vision_cfg": OC_CFG["vision_cfg"],
            "text_cfg": {"context_length": 16, "hf_model_name": str(parts["xlmr"]),
@@ -187,8 +188,8 @@ def test_open_clip_resnet_and_hf_text_parity(parts, tmp_path):
     txt = registry.build("tower", "open_clip:vlm-test-hf-text", side="text", pretrained=str(tmp_path / "c.pt")).eval()
     enc = txt.tokenizer(TEXTS)
     want = ref.encode_text(enc["input_ids"])
-    torch.testing.assert_close(txt.encode(**enc), want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(txt.pool(txt(**enc), enc["attention_mask"]), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(txt.encode(**enc)[0], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(txt.pool(txt(**enc)[0], enc["attention_mask"]), want, atol=1e-5, rtol=0)
 
 
 def test_open_clip_errors(parts, tmp_path):
@@ -210,15 +211,15 @@ def test_timm_parity_and_preprocess(parts):
                             pretrained_cfg_overlay=dict(file=str(parts["timm"])), **TIMM_KW).eval()
     tower = registry.build("tower", f"timm:{TIMM_NAME}", pretrained=str(parts["timm"]), **TIMM_KW).eval()
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(tower.encode(x), ref.forward_head(ref.forward_features(x), pre_logits=True))
-    assert tower(x).shape == (2, tower.num_tokens, 32) and tower.num_tokens == 17
+    torch.testing.assert_close(tower.encode(x)[0], ref.forward_head(ref.forward_features(x), pre_logits=True))
+    assert tower(x)[0].shape == (2, tower.num_tokens, 32) and tower.num_tokens == 17
     p = tower.preprocess
     assert (p.image_size, p.mean, p.crop_pct) == (32, (0.5, 0.5, 0.5), 0.9)
     # a CNN: spatial map flattened to tokens and back gives timm's pooled features
     cnn = registry.build("tower", "timm:resnet18").eval()
     x = torch.randn(1, 3, 64, 64)
-    assert cnn(x).shape == (1, 4, 512)
-    torch.testing.assert_close(cnn.encode(x), cnn.trunk.forward_head(cnn.trunk.forward_features(x), pre_logits=True))
+    assert cnn(x)[0].shape == (1, 4, 512)
+    torch.testing.assert_close(cnn.encode(x)[0], cnn.trunk.forward_head(cnn.trunk.forward_features(x), pre_logits=True))
     cnn.lock(unlocked_groups=1)
     assert any(p.requires_grad for p in cnn.parameters()) and not cnn.trunk.conv1.weight.requires_grad
     with pytest.raises(SpecError, match="unknown timm model"):
@@ -244,12 +245,12 @@ def test_hf_clip_siglip_parity(parts, name):
     img = registry.build("tower", f"hf:{parts[name]}", side="image").eval()
     txt = registry.build("tower", f"hf:{parts[name]}", side="text").eval()
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(img.encode(x), ref.get_image_features(pixel_values=x).pooler_output, atol=1e-5, rtol=0)
-    assert img(x).shape == (2, img.num_tokens, 32) and img.num_tokens == (17 if name == "clip" else 16)
+    torch.testing.assert_close(img.encode(x)[0], ref.get_image_features(pixel_values=x).pooler_output, atol=1e-5, rtol=0)
+    assert img(x)[0].shape == (2, img.num_tokens, 32) and img.num_tokens == (17 if name == "clip" else 16)
     enc = txt.tokenizer(TEXTS)
     assert enc["input_ids"].shape == (4, 16)  # padded to the text model's positions
     kw = dict(enc) if name == "clip" else {"input_ids": enc["input_ids"]}  # SigLIP runs without a mask
-    torch.testing.assert_close(txt.encode(**enc), ref.get_text_features(**kw).pooler_output, atol=1e-5, rtol=0)
+    torch.testing.assert_close(txt.encode(**enc)[0], ref.get_text_features(**kw).pooler_output, atol=1e-5, rtol=0)
     if name == "clip":
         assert img.preprocess.mean == (0.5, 0.4, 0.3) and img.preprocess.resize_mode == "shortest"
         assert img.embed_dim == txt.embed_dim == 24
@@ -266,7 +267,7 @@ def test_hf_text_encoder_pooling(parts, name, pooling):
     out = ref(**enc)
     want = out.pooler_output if pooling == "pooler" else pool_tokens(out.last_hidden_state, enc["attention_mask"],
                                                                       pooling)
-    torch.testing.assert_close(tower.encode(**enc), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tower.encode(**enc)[0], want, atol=1e-5, rtol=0)
     assert tower.embed_dim == tower.width == 32
     if pooling != "pooler":  # an unused pooler layer is dropped (it would get no gradient)
         assert not any("pooler" in n for n, _ in tower.named_parameters())
@@ -325,9 +326,9 @@ def test_saved_dual_encoder_towers(parts):
     text = registry.build("tower", f"vlm:{parts['dual_encoder']}", side="text")
     px = torch.randn(2, 3, image.preprocess.image_size, image.preprocess.image_size)
     with torch.no_grad():
-        torch.testing.assert_close(image.eval()(px), de.image_tower.eval()(px))
+        torch.testing.assert_close(image.eval()(px)[0], de.image_tower.eval()(px)[0])
         ids = text.tokenizer(["ein Kreis", "वृत्त"])
-        torch.testing.assert_close(text(**ids), de.text_tower(**ids))
+        torch.testing.assert_close(text(**ids)[0], de.text_tower(**ids)[0])
     assert image.width == de.image_tower.width and text.width == de.text_tower.width
     with pytest.raises(SpecError, match="no saved dual encoder"):
         registry.build("tower", f"vlm:{parts['dual_encoder'].parent / 'nowhere'}")

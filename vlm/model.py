@@ -48,6 +48,7 @@ from torch import nn
 from vlm import registry
 from vlm.config import ConfigError, from_dict, load_config, to_dict
 from vlm.errors import UserError
+from vlm.towers.base import check_aux
 
 FORMAT = "vlm.dual_encoder"
 
@@ -196,9 +197,11 @@ class DualEncoder(nn.Module):
         return parts
 
     # ------------------------------------------------------------------ forward
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True, *,
+                     aux: dict | None = None) -> torch.Tensor:
         """``pixels`` uint8 ``[B, 3, S, S]`` (normalised here with the tower's mean/std) or already
-        normalised float -> ``[B, E]`` (L2-normalised if ``normalize``)."""
+        normalised float -> ``[B, E]`` (L2-normalised if ``normalize``). ``aux``: a dict that receives the
+        image tower's aux entries (``img/...``, see :mod:`vlm.towers.base`); evaluation passes none."""
         size = self.image_preprocess.image_size
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size):
             raise ValueError(f"pixels must be [B, 3, {size}, {size}] for this image tower, got "
@@ -206,27 +209,36 @@ class DualEncoder(nn.Module):
         if pixels.dtype == torch.uint8:
             pixels = self.image_preprocess.normalize(pixels)
         with torch.set_grad_enabled(torch.is_grad_enabled() and _trainable(self.image_tower)):
-            x = self.image_tower.encode(pixels)
+            x, tower_aux = self.image_tower.encode(pixels)
+        if aux is not None:
+            aux.update(check_aux(tower_aux, "img/", f"image tower {self.config.image_tower}"))
         x = self.image_proj(x)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    normalize: bool = True) -> torch.Tensor:
-        """``input_ids``, ``attention_mask`` ``[B, L]`` (from ``model.tokenizer``) -> ``[B, E]``."""
+                    normalize: bool = True, *, aux: dict | None = None) -> torch.Tensor:
+        """``input_ids``, ``attention_mask`` ``[B, L]`` (from ``model.tokenizer``) -> ``[B, E]``. ``aux``: a
+        dict that receives the text tower's aux entries (``txt/...``)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with torch.set_grad_enabled(torch.is_grad_enabled() and _trainable(self.text_tower)):
-            x = self.text_tower.encode(input_ids, attention_mask)
+            x, tower_aux = self.text_tower.encode(input_ids, attention_mask)
+        if aux is not None:
+            aux.update(check_aux(tower_aux, "txt/", f"text tower {self.config.text_tower}"))
         x = self.text_proj(x)
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         """-> ``image_features [B, E]``, ``text_features [B, E]`` (both L2-normalised), ``logit_scale``
-        (scalar, exp'd and clamped), ``logit_bias`` (scalar or None)."""
-        return {"image_features": self.encode_image(pixels), "text_features": self.encode_text(input_ids, attention_mask),
+        (scalar, exp'd and clamped), ``logit_bias`` (scalar or None), and the towers' aux entries under
+        ``img/...`` and ``txt/...`` (the ``*_loss`` ones are loss terms: ``loss_terms(loss_fn(out), out)``)."""
+        aux: dict[str, torch.Tensor] = {}
+        image_features = self.encode_image(pixels, aux=aux)
+        text_features = self.encode_text(input_ids, attention_mask, aux=aux)
+        return {"image_features": image_features, "text_features": text_features,
                 "logit_scale": self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp(),
-                "logit_bias": self.logit_bias}
+                "logit_bias": self.logit_bias, **aux}
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:

@@ -73,7 +73,8 @@ def as_scale(logit_scale, like: torch.Tensor) -> torch.Tensor:
 
 class ClipLoss(nn.Module):
     """Symmetric InfoNCE. ``forward(out) -> {"contrastive_loss": scalar}`` with ``out["image_features"]
-    [b,E]``, ``out["text_features"] [b,E]``, ``out["logit_scale"]``, ``out.get("logit_bias")`` (b = local batch; features are usually L2-normalised).
+    [b,E]``, ``out["text_features"] [b,E]``, ``out["logit_scale"]``, ``out.get("logit_bias")`` (b = local batch;
+    features are usually L2-normalised).
 
     Args:
         local_loss: compute only this rank's rows (``b x N`` logits) instead of the full ``N x N``.

@@ -44,8 +44,8 @@ __all__ = ["GroupedClipLoss", "grad_cache_step"]
 class GroupedClipLoss(ClipLoss):
     """InfoNCE gathered within groups of ``group_size`` consecutive ranks (see the module docstring).
 
-    ``forward(out) -> {"contrastive_loss": scalar}`` (``out`` as for :class:`ClipLoss`); ``group_size=None`` means the whole world. ``local_loss`` and
-    ``gather_with_grad`` keep their ClipLoss meaning inside a group (default: local rows, gather with grad).
+    ``forward(out) -> {"contrastive_loss": scalar}`` (``out`` as for :class:`ClipLoss`); ``group_size=None``
+    means the whole world. ``local_loss`` and ``gather_with_grad`` keep their ClipLoss meaning inside a group (default: local rows, gather with grad).
     """
 
     def __init__(self, group_size: int | None = None, local_loss: bool = True, gather_with_grad: bool = True,

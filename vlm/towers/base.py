@@ -1,12 +1,25 @@
 """Tower protocols.
 
-ImageTower: ``forward(pixels) -> tokens [B, N, D]`` on *normalised float* pixels; ``pool(tokens) -> [B, E]``;
-``width`` (D), ``embed_dim`` (E, the pooled size), ``num_tokens`` (N), and ``preprocess``: the size,
-mean and std that belong to the tower's weights. ``encode(pixels_uint8)`` does normalise -> forward -> pool.
+Every tower returns ``(out, aux)``: its output and a dict of auxiliary tensors, so a tower with a loss of
+its own (a vector-quantisation commitment or reconstruction loss, a regulariser) reaches the loss dict
+without any recipe edit. ``aux`` keys are namespaced by the tower's side, ``aux_namespace``: ``img/`` for
+image towers, ``txt/`` for text towers (``img/vq_commit_loss``); a key ending in ``_loss`` is a 0-d loss
+term that :func:`vlm.losses.total_loss` adds to the total, any other key a diagnostic. Most towers return
+``{}``. ``pool`` is a plain function of the tokens and returns a tensor.
+
+ImageTower: ``forward(pixels) -> (tokens [B, N, D], aux)`` on *normalised float* pixels;
+``pool(tokens) -> [B, E]``; ``encode(pixels) -> (pooled [B, E], aux)`` (uint8 pixels are normalised
+first); ``width`` (D), ``embed_dim`` (E, the pooled size), ``num_tokens`` (N), and ``preprocess``: the
+size, mean and std that belong to the tower's weights.
 
 TextTower: ``tokenizer(texts) -> {"input_ids", "attention_mask"}`` (the tokenizer that belongs to the
-weights), ``forward(input_ids, attention_mask) -> tokens [B, L, D]``, ``pool(tokens, attention_mask) -> [B, E]``,
+weights), ``forward(input_ids, attention_mask) -> (tokens [B, L, D], aux)``,
+``pool(tokens, attention_mask) -> [B, E]``, ``encode(input_ids, attention_mask) -> (pooled [B, E], aux)``,
 ``width``, ``embed_dim``, ``context_length``.
+
+Models merge the aux of their towers into their output dict (``DualEncoder.forward``: ``img/...`` and
+``txt/...`` next to the features; ``VisionLLM.forward``: ``img/...`` next to the projector's ``proj/...``);
+:func:`check_aux` is the check they (and the registry contract test) apply.
 
 Both kinds also have (with generic defaults here, overridden where a library has its own):
 ``lock(unlocked_groups=0, freeze_bn_stats=False)`` (LiT: freeze all but the last N layer groups),
@@ -58,9 +71,31 @@ class ImagePreprocess:
         return (x - mean) / std
 
 
+Aux = dict[str, torch.Tensor]
+
+
+def check_aux(aux, namespace: str, who: str) -> Aux:
+    """``aux`` unchanged if it is a dict of tensors whose keys all start with ``namespace`` (``"img/"``,
+    ``"txt/"``, ``"proj/"``, ...) and whose ``*_loss`` entries are 0-d; else a ValueError naming ``who``."""
+    if not isinstance(aux, dict):
+        raise ValueError(f"{who} must return (output, aux) with aux a dict of tensors, got aux of type "
+                         f"{type(aux).__name__}")
+    for k, v in aux.items():
+        if not (isinstance(k, str) and k.startswith(namespace) and len(k) > len(namespace)):
+            raise ValueError(f"{who} returned the aux key {k!r}; its aux keys must be namespaced "
+                             f"'{namespace}<name>' (e.g. '{namespace}vq_commit_loss')")
+        if not torch.is_tensor(v):
+            raise ValueError(f"{who} returned aux[{k!r}] of type {type(v).__name__}; aux values must be tensors")
+        if k.endswith("_loss") and v.dim() != 0:
+            raise ValueError(f"{who} returned the loss term aux[{k!r}] of shape {tuple(v.shape)}; a *_loss entry "
+                             f"must be a 0-d tensor (reduce it in the tower)")
+    return aux
+
+
 class _TowerMixin:
     """Defaults shared by image and text towers (see the module docstring)."""
 
+    aux_namespace: str  # "img/" or "txt/": the prefix of every aux key the tower returns
     spec: str | None = None  # e.g. "tiny:vit"; set by the builder
     build_cfg: dict | None = None  # the builder kwargs (sizes, pretrained path, ...)
 
@@ -82,22 +117,24 @@ class _TowerMixin:
 
 
 class ImageTower(_TowerMixin, nn.Module):
+    aux_namespace = "img/"
     width: int
     embed_dim: int
     num_tokens: int
     preprocess: ImagePreprocess
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # [B,3,H,W] float -> [B,N,D]
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Aux]:  # [B,3,H,W] float -> ([B,N,D], aux)
         raise NotImplementedError  # protocol: every concrete tower overrides it
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:  # [B,N,D] -> [B,E]
         raise NotImplementedError  # protocol: every concrete tower overrides it
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 or normalised float ``[B, 3, H, W]`` -> pooled ``[B, E]``."""
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Aux]:
+        """uint8 or normalised float ``[B, 3, H, W]`` -> (pooled ``[B, E]``, aux)."""
         if pixels.dtype == torch.uint8:
             pixels = self.preprocess.normalize(pixels)
-        return self.pool(self(pixels))
+        tokens, aux = self(pixels)
+        return self.pool(tokens), aux
 
 
 def probe_num_tokens(tower: ImageTower) -> int:
@@ -106,7 +143,7 @@ def probe_num_tokens(tower: ImageTower) -> int:
     was = tower.training
     tower.eval()
     with torch.no_grad():
-        n = tower(torch.zeros(1, 3, s, s)).shape[1]
+        n = tower(torch.zeros(1, 3, s, s))[0].shape[1]
     tower.train(was)
     return int(n)
 
@@ -126,20 +163,24 @@ class ProbedImageTower(ImageTower):
 
 
 class TextTower(_TowerMixin, nn.Module):
+    aux_namespace = "txt/"
     width: int
     embed_dim: int
     context_length: int
     tokenizer: object  # callable: list[str] -> {"input_ids": LongTensor[B,L], "attention_mask": LongTensor[B,L]}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, Aux]:  # [B,L] -> ([B,L,D], aux)
         raise NotImplementedError  # protocol: every concrete tower overrides it
 
     def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError  # protocol: every concrete tower overrides it
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, L]`` ids -> pooled ``[B, E]``."""
-        return self.pool(self(input_ids, attention_mask), attention_mask)
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, Aux]:
+        """``[B, L]`` ids -> (pooled ``[B, E]``, aux)."""
+        tokens, aux = self(input_ids, attention_mask)
+        return self.pool(tokens, attention_mask), aux
 
 
 def pool_tokens(tokens: torch.Tensor, attention_mask: torch.Tensor | None, mode: str) -> torch.Tensor:

@@ -23,7 +23,8 @@ projection, if the weights have one); ``mean`` is the default for text encoders.
 pooling are taken out of the transformers module and run in ``pool()``, so ``forward -> tokens`` and
 ``pool`` stay separate and unused heads are dropped (they would get no gradient).
 
-Tokens: CLIP vision ``post_layernorm(last_hidden_state)``; SigLIP and text models ``last_hidden_state``.
+``forward`` returns ``(tokens, {})``. Tokens: CLIP vision ``post_layernorm(last_hidden_state)``; SigLIP and
+text models ``last_hidden_state``.
 The tokenizer is ``AutoTokenizer`` from the directory (or ``tokenizer=<dir>``), padded to a fixed
 ``context_length`` (default: the text model's positions for CLIP/SigLIP, else min(77, positions - 2)).
 SigLIP text is run without the attention mask, as it was trained (its HF tokenizer returns none).
@@ -163,9 +164,9 @@ class HFImageTower(_HFTowerMixin, ImageTower):
         grid = vc.image_size // vc.patch_size
         self.num_tokens = grid * grid + (1 if family == "clip" else 0)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         h = self.core(pixel_values=pixels).last_hidden_state
-        return self.core.post_layernorm(h) if self.family == "clip" else h
+        return (self.core.post_layernorm(h) if self.family == "clip" else h), {}
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pooling == "pooler":
@@ -194,9 +195,10 @@ class HFTextTower(_HFTowerMixin, TextTower):
         else:
             self.embed_dim = self.width
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict]:
         mask = None if self.family == "siglip" else attention_mask
-        return self.core(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        return self.core(input_ids=input_ids, attention_mask=mask).last_hidden_state, {}
 
     def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
              input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,8 +220,10 @@ class HFTextTower(_HFTowerMixin, TextTower):
             x = pool_tokens(tokens, attention_mask, self.pooling)
         return self.proj(x) if self.proj is not None else x
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.pool(self(input_ids, attention_mask), attention_mask, input_ids=input_ids)
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict]:
+        tokens, aux = self(input_ids, attention_mask)
+        return self.pool(tokens, attention_mask, input_ids=input_ids), aux
 
 
 def _image_preprocess(path: Path, vc, family: str) -> ImagePreprocess:

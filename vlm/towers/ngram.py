@@ -10,7 +10,7 @@ seconds. The same tokenizer protocol as every tower: ``tok(texts) -> {"input_ids
 here with the hash ids of the text's n-grams (0 = padding, NFC-normalised, lower-cased, with ``<``/``>``
 word boundaries as in fastText).
 
-Tower: ``forward(input_ids, attention_mask) -> tokens [B, L, W]`` (the n-gram embeddings, so token-level
+Tower: ``forward(input_ids, attention_mask) -> (tokens [B, L, W], {})`` (the n-gram embeddings, so token-level
 consumers still work) and ``pool -> [B, W]``: masked mean -> LayerNorm -> 2-layer MLP with a residual.
 """
 from __future__ import annotations
@@ -95,10 +95,11 @@ class NgramText(TextTower):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         pass  # one embedding lookup and a 2-layer MLP: nothing worth recomputing
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict]:
         if input_ids.dtype != torch.long or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be int64 [B, L], got {input_ids.dtype} {tuple(input_ids.shape)}")
-        return self.token_embed(input_ids)
+        return self.token_embed(input_ids), {}
 
     def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:

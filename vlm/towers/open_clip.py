@@ -12,8 +12,8 @@ the names open_clip uses (``token_embedding``, ``transformer``, ... for ``CLIP``
 ``CustomTextCLIP``), so the two state dicts put together are an open_clip checkpoint again
 (``DualEncoder.export_open_clip``). ``pool`` includes open_clip's projection, so
 ``tower.encode == open_clip encode_image / encode_text`` exactly (tested on a tiny arch saved to a file).
-``forward`` returns the tokens before pooling: ViT ``[B, 1+N, width]`` before ``ln_post``, ResNet and
-timm trunks their last feature map as ``[B, H*W, C]``, text the final-LayerNorm'd sequence.
+``forward`` returns ``(tokens, {})``, the tokens before pooling: ViT ``[B, 1+N, width]`` before
+``ln_post``, ResNet and timm trunks their last feature map as ``[B, H*W, C]``, text the final-LayerNorm'd sequence.
 
 ``pretrained`` is a local file (``.pt``/``.bin``/``.safetensors`` in open_clip's format) or one of
 open_clip's pretrained tags (those download). A custom architecture is a ``model_cfg`` dict in open_clip's
@@ -124,15 +124,15 @@ class OpenClipImageTower(ProbedImageTower):
             raise SpecError(f"open_clip image tower of type {type(visual).__name__} is not supported")
         self._layout = "NLC"
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         v = self.visual
         if self.kind == "vit":
-            return v.transformer(v._embeds(pixels))
+            return v.transformer(v._embeds(pixels)), {}
         if self.kind == "resnet":
             x = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(pixels)))))
-            return x.flatten(2).transpose(1, 2)
+            return x.flatten(2).transpose(1, 2), {}
         tokens, self._layout = timm_tokens(v.trunk, pixels)
-        return tokens
+        return tokens, {}
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         v = self.visual
@@ -250,16 +250,17 @@ class OpenClipTextTower(TextTower):
     def _module(self) -> nn.Module:
         return self.clip_text if self.kind == "clip" else self.text
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict]:
         if self.kind == "clip":
-            return self.clip_text.tokens(input_ids)
+            return self.clip_text.tokens(input_ids), {}
         t = self.text
         if self.kind == "text":
             x, mask = t._embeds(input_ids)
             x = t.transformer(x, attn_mask=mask)
-            return x if t.cls_emb is not None else t.ln_final(x)  # CoCa-style CLS stays last, normed in pool
+            return (x if t.cls_emb is not None else t.ln_final(x)), {}  # CoCa-style CLS stays last, normed in pool
         mask = (input_ids != t.config.pad_token_id).long()  # as open_clip's HFTextEncoder
-        return t.transformer(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        return t.transformer(input_ids=input_ids, attention_mask=mask).last_hidden_state, {}
 
     def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
              input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,8 +284,10 @@ class OpenClipTextTower(TextTower):
             pooled = pool_tokens(tokens, attention_mask, "last")
         return _project(pooled, m.text_projection)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.pool(self(input_ids, attention_mask), attention_mask, input_ids=input_ids)
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict]:
+        tokens, aux = self(input_ids, attention_mask)
+        return self.pool(tokens, attention_mask, input_ids=input_ids), aux
 
     def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
         self._module().lock(unlocked_groups, freeze_layer_norm=True)

@@ -6,8 +6,8 @@
 Design: ``timm.create_model(name, num_classes=0, **kwargs)`` builds the trunk; a local weights file goes
 through timm's own loader via ``pretrained_cfg_overlay=dict(file=path)`` (so timm's checkpoint filters,
 position-embedding resizing and classifier dropping apply exactly as for hub weights); ``pretrained=True``
-asks timm for its hub weights (network). ``forward`` is ``forward_features`` with spatial maps flattened
-to tokens (``[B, C, H, W]`` or NHWC ``[B, H, W, C]`` -> ``[B, H*W, C]``; ViTs already give ``[B, N, D]``
+asks timm for its hub weights (network). ``forward`` is ``(forward_features, {})`` with spatial maps
+flattened to tokens (``[B, C, H, W]`` or NHWC ``[B, H, W, C]`` -> ``[B, H*W, C]``; ViTs already give ``[B, N, D]``
 with their prefix tokens), ``pool`` is ``forward_head(pre_logits=True)`` after undoing the flattening, so
 ``encode`` equals timm's ``forward_head(forward_features(x), pre_logits=True)``. Preprocessing comes from
 ``timm.data.resolve_model_data_config`` (mean, std, interpolation, crop_pct); an ``img_size`` kwarg sets
@@ -59,9 +59,9 @@ class TimmTower(ProbedImageTower):
         self.embed_dim = getattr(trunk, "head_hidden_size", None) or trunk.num_features
         self._layout = "NLC"
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         tokens, self._layout = timm_tokens(self.trunk, pixels)
-        return tokens
+        return tokens, {}
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         return timm_pool(self.trunk, tokens, self._layout)

@@ -101,7 +101,7 @@ class _Encoder(nn.Module):
 
 
 class TinyViT(_Encoder, ImageTower):
-    """``pixels [B, 3, S, S]`` (normalised float) -> tokens ``[B, 1 + (S/P)^2, W]`` -> pooled ``[B, W]``."""
+    """``pixels [B, 3, S, S]`` (normalised float) -> (tokens ``[B, 1 + (S/P)^2, W]``, {}) -> pooled ``[B, W]``."""
 
     def __init__(self, width: int = 32, depth: int = 2, image_size: int = 32, patch_size: int = 8,
                  heads: int | None = None, mlp_ratio: float = 4.0, dropout: float = 0.0, pool: str = "mean",
@@ -124,20 +124,20 @@ class TinyViT(_Encoder, ImageTower):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # [B, N, W]
         if x.shape[1] + 1 != self.pos_embed.shape[1]:
             raise ValueError(f"tiny image tower expects {self.preprocess.image_size}px images, got "
                              f"{tuple(pixels.shape[-2:])}")
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
-        return self._run(x)
+        return self._run(x), {}
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, 0] if self.pool_mode == "cls" else tokens[:, 1:].mean(1)
 
 
 class TinyText(_Encoder, TextTower):
-    """``input_ids [B, L]`` (byte ids, L <= context_length) -> tokens ``[B, L, W]`` -> pooled ``[B, W]``."""
+    """``input_ids [B, L]`` (byte ids, L <= context_length) -> (tokens ``[B, L, W]``, {}) -> pooled ``[B, W]``."""
 
     def __init__(self, width: int = 32, depth: int = 2, context_length: int = 64, heads: int | None = None,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, pool: str = "mean"):
@@ -154,7 +154,8 @@ class TinyText(_Encoder, TextTower):
         self._init_weights()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict]:
         L = input_ids.shape[1]
         if L > self.context_length:
             raise ValueError(f"text of {L} tokens exceeds the tiny text tower's context_length "
@@ -164,7 +165,7 @@ class TinyText(_Encoder, TextTower):
         if attention_mask is not None and not bool(attention_mask.all()):
             key_mask = attention_mask.bool()
             key_mask = key_mask | ~key_mask.any(1, keepdim=True)  # an all-padding row attends everywhere
-        return self._run(x, key_mask)
+        return self._run(x, key_mask), {}
 
     def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return pool_tokens(tokens, attention_mask, self.pool_mode)
