@@ -132,43 +132,34 @@ def total_steps(cfg, env) -> int:
 
 
 
-def resolve_resume_on_all_ranks(resume: str | None, ckpt_root, env: "DistEnv") -> str | None:
-    """``vlm.checkpoint.resolve_resume`` on rank 0 only (one process validates the checkpoints); every rank
-    gets its answer, or raises the same UserError."""
-    from vlm.checkpoint import resolve_resume
-
-    found: tuple = (None, None)
-    if env.is_main:
-        try:
-            path = resolve_resume(resume, ckpt_root)
-            found = (str(path) if path else None, None)
-        except UserError as e:
-            found = (None, str(e))
-    path, err = broadcast_object(found, env)
-    if err:
-        raise UserError(err)
-    return path
-
-
-def open_run_dir(cfg, env: "DistEnv") -> tuple[Path, Path, str | None, str]:
-    """Start or resume a run in ``cfg.train.run_dir``, the same way for both recipes: rank 0 removes stale
-    temporary checkpoints and writes ``config.yaml`` + ``versions.json``, every rank waits for it, then gets
-    the checkpoint to resume from (:func:`resolve_resume_on_all_ranks`). Returns (run_dir, its
-    ``checkpoints`` folder, the checkpoint to resume from or None, the config as YAML for checkpoints)."""
+def open_run_dir(cfg, env: "DistEnv") -> tuple[Path, Path, str | None, str, list[str]]:
+    """Start or resume a run in ``cfg.train.run_dir``, the same way for every recipe. Rank 0 removes stale
+    temporary checkpoints and decides what to resume from (:func:`vlm.checkpoint.claim_lineage`: one run
+    lineage per directory; a fresh run over another run's checkpoints is refused), then writes
+    ``config.yaml`` + ``versions.json``; every rank gets the same answer (or the same error). Returns
+    (run_dir, its ``checkpoints`` folder, the checkpoint to resume from or None, the config as YAML for
+    checkpoints, notes for the log)."""
     import yaml
 
-    from vlm.checkpoint import clean_stale
+    from vlm.checkpoint import claim_lineage, clean_stale
     from vlm.config import to_dict
 
     run_dir = Path(cfg.train.run_dir)
     ckpt_root = run_dir / "checkpoints"
+    found: tuple = (None, [], None)
     if env.is_main:
-        clean_stale(ckpt_root)
-        save_run_info(run_dir, cfg)
+        try:
+            clean_stale(ckpt_root)
+            path, notes = claim_lineage(cfg.train.resume, ckpt_root)
+            save_run_info(run_dir, cfg)  # the config in force; what a resume changed goes to resumes.jsonl
+            found = (str(path) if path else None, notes, None)
+        except UserError as e:
+            found = (None, [], str(e))
+    resume, notes, err = broadcast_object(found, env)
+    if err:
+        raise UserError(err)
     barrier(env)
-    resume = resolve_resume_on_all_ranks(cfg.train.resume, ckpt_root, env)
-    return run_dir, ckpt_root, resume, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
-
+    return run_dir, ckpt_root, resume, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), notes
 
 
 # ------------------------------------------------------------------------------------------ the session
@@ -315,7 +306,7 @@ def setup_run(cfg, env: DistEnv, build_model: Callable[[], nn.Module]) -> Run:
 
     check_common(cfg)
     set_threads(cfg.train.threads)
-    run_dir, ckpt_root, resume, config_yaml = open_run_dir(cfg, env)
+    run_dir, ckpt_root, resume, config_yaml, notes = open_run_dir(cfg, env)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = build_model()
     if cfg.train.grad_checkpointing:
@@ -331,8 +322,10 @@ def setup_run(cfg, env: DistEnv, build_model: Callable[[], nn.Module]) -> Run:
               train_model=train_model, optimizer=optimizer, scheduler=scheduler, steps=steps, resume=resume,
               last_ckpt=resume)
     if resume:
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         state = load_training_state(resume, model, optimizer, scheduler, env)
         run.step = int(state["step"])
+        changes = apply_resume_policy(cfg, Path(resume), run.step, steps, optimizer, scheduler, fresh)
         pos = state.get("data") or []
         if len(pos) != env.world_size:
             raise UserError(f"checkpoint {resume} was written by {len(pos)} ranks, this run has {env.world_size}: "
@@ -340,11 +333,92 @@ def setup_run(cfg, env: DistEnv, build_model: Callable[[], nn.Module]) -> Run:
         run.data_positions = dict(pos[env.rank] or {})
     run.logger = RunLogger(run_dir, steps, run.step, enabled=env.is_main, progress=cfg.train.progress,
                            tensorboard=cfg.train.tensorboard)
+    for note in notes:
+        run.logger.message(note)
     if resume:
         run.logger.message(f"resumed from {resume} at step {run.step}")
+        if changes:
+            record_resume(run, changes)
     run.guard = NonFiniteGuard(cfg.train.max_bad_steps)
     run._reset_window()
     return run
+
+
+# ---------------------------------------------------------------------------------------- resume policy
+RESUME_MODEL_FREE = ("model.prompts", "model.lang_control", "model.default_lang", "model.max_target_length",
+                     "model.save_frozen_tower", "model.grad_checkpointing")
+"""The only ``model.*`` keys a resume may change (they do not change the weights); any other ``model.*`` key
+and ``task`` are refused: the checkpoint's weights and optimizer state belong to that model."""
+RESUME_FREE = ("train.resume", "train.stop_after", "train.progress", "train.tensorboard", "train.log_every",
+               "train.ckpt_every", "train.keep_last", "train.max_bad_steps", "train.run_dir", "eval_every",
+               "val_batches", "val_data.")
+"""Keys that only change bookkeeping: changed silently (still recorded)."""
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v and not k.endswith("_cfg") and k not in ("part_lr", "trainable", "tasks"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """``{dotted key: (old, new)}`` for every leaf that differs between two config dicts."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def apply_resume_policy(cfg, ckpt: Path, step: int, total: int, optimizer, scheduler, fresh: list[dict]) -> dict:
+    """What a resume may change, decided in one place (every rank runs it; it reads the checkpoint's
+    ``config.yaml``). Refused with an error naming the key: the model (``model.*``, the task), a
+    ``train.steps`` the checkpoint has already reached. Applied: ``optim.*`` (learning rates per group,
+    weight decay, betas, eps from this config, the schedule recomputed for this config's steps and
+    warm-up: the checkpoint's saved rates would otherwise silently win), ``train.steps``, data and device
+    settings. Returns the changes (``{key: (old, new)}``) for :func:`record_resume`."""
+    import yaml
+
+    from vlm.config import to_dict
+
+    if total <= step:
+        raise UserError(f"checkpoint {ckpt} is at step {step} but train.steps={total}: nothing is left to train; "
+                        f"raise train.steps above {step}, or start a new train.run_dir")
+    cfg_file = ckpt / "config.yaml"
+    old = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else None
+    changes = config_changes(old, to_dict(cfg)) if isinstance(old, dict) else {}
+    refused = [k for k in changes if k == "task" or (k.startswith("model.") and not k.startswith(RESUME_MODEL_FREE))]
+    if refused:
+        k = refused[0]
+        raise UserError(f"resuming {ckpt} with {k}={changes[k][1]!r} (the checkpoint has {changes[k][0]!r}): a "
+                        f"resume continues the same model; drop the override, or start a new train.run_dir")
+    if len(fresh) != len(optimizer.param_groups):
+        raise UserError(f"resuming {ckpt}: this config makes {len(fresh)} optimizer groups, the checkpoint has "
+                        f"{len(optimizer.param_groups)} (optim.part_lr or trainable parts changed); resume with "
+                        f"the checkpoint's settings or start a new train.run_dir")
+    for g, f, i in zip(optimizer.param_groups, fresh, range(len(fresh))):
+        for key in ("weight_decay", "betas", "eps"):
+            if key in f:
+                g[key] = f[key]
+        g["initial_lr"] = f["lr"] if "initial_lr" not in f else f["initial_lr"]
+        scheduler.base_lrs[i] = g["initial_lr"]
+    for g, lam, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        g["lr"] = base * lam(scheduler.last_epoch)  # this config's schedule at the resumed step
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return {k: v for k, v in changes.items() if not k.startswith(RESUME_FREE)}
+
+
+def record_resume(run: "Run", changes: dict) -> None:
+    """Say what a resume changed, and append it to ``run_dir/resumes.jsonl`` (rank 0)."""
+    import json
+
+    text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    run.logger.message(f"resumed with changed settings (applied from step {run.step}): {text}")
+    if run.env.is_main:
+        with open(run.run_dir / "resumes.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": run.step, "checkpoint": str(run.resume), "time": time.time(),
+                                "changes": {k: [a, b] for k, (a, b) in changes.items()}}, default=str) + "\n")
 
 
 def export_final(run: Run, rebuild: Callable[[], nn.Module], write: Callable[[nn.Module, Path], None]) -> Path:

@@ -42,7 +42,7 @@ import torch
 from vlm.data.wds import DataConfig, make_loader
 from vlm.distributed import global_mean, no_sync
 from vlm.errors import UserError
-from vlm.losses import total_loss
+from vlm.losses import loss_terms, total_loss
 from vlm.losses.gradcache import grad_cache_step
 from vlm.model import DualEncoder, DualEncoderConfig
 from vlm.train.common import (Run, TrainConfig, autocast, export_final, next_or_new_epoch, recipe_session,
@@ -156,9 +156,7 @@ def validation_loss(train_model, loss_fn, stream, *, env, precision: str, max_ba
             break
         with autocast(precision, env.device):
             out = _fp32(train_model(*_to_device(batch, env.device)))
-        losses = {**loss_fn(out, **_loss_kw([batch], env.device)), **{k: v for k, v in out.items()
-                                                                      if k.endswith("_loss")}}
-        tot += float(total_loss(losses))
+        tot += float(total_loss(loss_terms(loss_fn(out, **_loss_kw([batch], env.device)), out)))
         n += 1
     return global_mean(tot, n, env)
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -190,7 +191,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model_state: dict[str, t
         os.replace(tmp, final)
     _fsync_dir(root)
     if keep_last and keep_last > 0:
-        prune(root, keep_last)
+        prune(root, keep_last, protect=final)
     return final
 
 
@@ -243,8 +244,10 @@ def find_latest(root: str | os.PathLike, check_hashes: bool = True) -> Path | No
     return None
 
 
-def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Keep the ``keep_last`` newest valid checkpoints; remove older ones. Returns removed paths."""
+def prune(root: str | os.PathLike, keep_last: int, protect: Path | None = None) -> list[Path]:
+    """Keep the ``keep_last`` newest valid checkpoints; remove older ones, never ``protect`` (the one just
+    written). A run directory holds one lineage (:func:`claim_lineage`), so step order is age order.
+    Returns the removed paths."""
     ckpts = list_checkpoints(root)
     valid = [(s, p) for s, p in ckpts if validate(p, check_hashes=False) is None]
     if len(valid) <= keep_last:
@@ -252,10 +255,71 @@ def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:
     cutoff = valid[-keep_last][0]  # oldest step we keep
     removed = []
     for s, p in ckpts:
-        if s < cutoff:
+        if s < cutoff and (protect is None or p.resolve() != Path(protect).resolve()):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+def _step_of(path: Path) -> int | None:
+    m = STEP_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def _move_aside(root: Path, paths: list[Path], why: str) -> Path:
+    """Move checkpoints out of ``root`` into ``root/../checkpoints-aside/<why>-<time>/`` (never deleted)."""
+    dest = root.parent / "checkpoints-aside" / f"{why}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        os.replace(p, dest / p.name)
+    _fsync_dir(root)
+    return dest
+
+
+def claim_lineage(resume: str | None, root: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """What a run starting on ``root`` (``run_dir/checkpoints``) resumes from, keeping the directory to one
+    run lineage, so pruning by step can never delete what this run writes and ``resume=latest`` can never
+    return another run's weights. Returns ``(checkpoint or None, notes to show the user)``. Call from one
+    process (rank 0), after :func:`clean_stale`.
+
+    - fresh start (``resume`` None) on a directory that holds checkpoints: :class:`CheckpointError` naming
+      ``train.resume=latest`` and a new ``train.run_dir``;
+    - ``latest``: the newest valid checkpoint; invalid ones are moved aside (``checkpoints-aside/``); with no
+      valid checkpoint the notes say plainly that the run starts from step 0;
+    - an explicit ``step-N`` directory of ``root``: later checkpoints belong to the abandoned continuation and
+      are moved aside; one of another directory is refused when ``root`` holds checkpoints of its own.
+    """
+    root = Path(root)
+    ckpts = list_checkpoints(root)
+    notes: list[str] = []
+    if resume is None or resume in ("", "none", "null"):
+        if ckpts:
+            names = ", ".join(p.name for _, p in ckpts[-3:])
+            raise CheckpointError(f"{root} already holds checkpoints ({names}) of an earlier run: continue it with "
+                                  f"train.resume=latest, or give this run a new train.run_dir (a fresh run here "
+                                  f"would mix two runs' checkpoints)")
+        return None, notes
+    if resume == "latest":
+        invalid = [(p, validate(p)) for _, p in ckpts]
+        bad = [(p, r) for p, r in invalid if r is not None]
+        if bad:
+            dest = _move_aside(root, [p for p, _ in bad], "invalid")
+            notes += [f"checkpoint {p.name} is invalid ({r}); moved to {dest}" for p, r in bad]
+        found = find_latest(root, check_hashes=False)
+        if found is None:
+            notes.append(f"train.resume=latest: no valid checkpoint in {root}; starting from step 0")
+        return found, notes
+    p = resolve_resume(resume, root)
+    if p.parent.resolve() == root.resolve():
+        later = [q for s, q in ckpts if s > (_step_of(p) or 0)]
+        if later:
+            dest = _move_aside(root, later, f"after-{p.name}")
+            notes.append(f"resuming from {p.name}: the later checkpoints {', '.join(q.name for q in later)} "
+                         f"belong to the abandoned continuation; moved to {dest}")
+    elif ckpts:
+        raise CheckpointError(f"train.resume={resume} is outside this run's {root}, which already holds checkpoints "
+                              f"({ckpts[-1][1].name}); resume with train.resume=latest, or use a new train.run_dir")
+    return p, notes
 
 
 def resolve_resume(resume: str | None, root: str | os.PathLike) -> Path | None:
@@ -287,7 +351,14 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu", check: bool
         if reason is not None:
             raise CheckpointError(f"checkpoint {path} is not usable: {reason}")
     model_state = load_weights(path / WEIGHTS, device=device)
-    train_state = torch.load(path / STATE, map_location=device, weights_only=True)
+    try:
+        train_state = torch.load(path / STATE, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: never do that here
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path / STATE} holds an object that is not a tensor or a plain container{what}; "
+                              f"vlm loads training state as data only and refuses it. Resume from a checkpoint "
+                              f"written by vlm train") from None
     meta = json.loads((path / META).read_text(encoding="utf-8"))
     return model_state, train_state, meta
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 
+from vlm.losses.terms import loss_terms, total_loss
 from vlm.rng import capture_rng_state, restore_rng_state
 
 __all__ = ["grad_cache_step", "CACHED_KEYS"]
@@ -35,16 +36,6 @@ __all__ = ["grad_cache_step", "CACHED_KEYS"]
 CACHED_KEYS = ("image_features", "text_features")
 """Per-sample feature entries of the model output that are cached and concatenated over micro-batches."""
 _SHARED_KEYS = ("logit_scale", "logit_bias")
-
-
-def _aux_losses(out: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in out.items() if k.endswith("_loss") and torch.is_tensor(v)}
-
-
-def _sum(losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    from vlm.losses import total_loss
-
-    return total_loss(dict(losses))
 
 
 def grad_cache_step(forward: Callable[[Any], Mapping[str, torch.Tensor]], micro_batches: Sequence[Any],
@@ -64,8 +55,8 @@ def grad_cache_step(forward: Callable[[Any], Mapping[str, torch.Tensor]], micro_
     kw = dict(loss_kwargs or {})
     if len(micro_batches) == 1:
         out = forward(micro_batches[0])
-        losses = {**loss_fn(out, **kw), **_aux_losses(out)}
-        _sum(losses).backward()
+        losses = loss_terms(loss_fn(out, **kw), out)
+        total_loss(losses).backward()
         return {k: v.detach() for k, v in losses.items()}
 
     # (a) cache the features of every micro-batch, remembering the RNG state before each
@@ -83,8 +74,8 @@ def grad_cache_step(forward: Callable[[Any], Mapping[str, torch.Tensor]], micro_
         v = out.get(k)
         leaves[k] = v.detach().requires_grad_(True) if torch.is_tensor(v) else v
     with torch.enable_grad():
-        losses = dict(loss_fn(leaves, **kw))
-        _sum(losses).backward()
+        losses = loss_terms(loss_fn(leaves, **kw))
+        total_loss(losses).backward()
     sizes = [x.shape[0] for x in feats[CACHED_KEYS[0]]]
     grads = {k: leaves[k].grad.split(sizes) for k in CACHED_KEYS}
     # (c) re-forward each micro-batch with a graph under its RNG state; back-propagate the cached gradients
@@ -101,8 +92,7 @@ def grad_cache_step(forward: Callable[[Any], Mapping[str, torch.Tensor]], micro_
                     leaf = leaves.get(key)
                     if torch.is_tensor(leaf) and leaf.grad is not None and torch.is_tensor(out.get(key)):
                         surrogate = surrogate + (out[key] * leaf.grad).sum()
-            aux = _aux_losses(out)
-            for name, v in aux.items():
+            for name, v in loss_terms(out).items():
                 surrogate = surrogate + v / k_mb
                 aux_sum[name] = aux_sum.get(name, 0.0) + v.detach() / k_mb
             surrogate.backward()
