@@ -13,6 +13,7 @@ import torch
 from vlm import registry
 from vlm.registry import SpecError
 from vlm.towers.base import pool_tokens
+from vlm.towers.tiny import TinyViT
 
 OC_ARCH = "vlm-test-tiny-vit"
 OC_CFG = {"embed_dim": 24,
@@ -336,3 +337,66 @@ def test_saved_dual_encoder_towers(parts):
         registry.build("tower", f"vlm:{parts['dual_encoder']}", side="audio")
     with pytest.raises(SpecError, match="remove the options"):
         registry.build("tower", f"vlm:{parts['dual_encoder']}", width=64)
+
+
+# ------------------------------------------------------------------------------------------------ aux losses
+class RegTower(TinyViT):
+    """A tiny ViT with a loss of its own (a token-norm regulariser, as a VQ commitment loss would be)."""
+
+    def forward(self, pixels):
+        tokens, _ = super().forward(pixels)
+        return tokens, {"img/reg_loss": 0.1 * tokens.pow(2).mean(), "img/token_norm": tokens.norm(dim=-1).mean()}
+
+
+def build_reg_tower(name: str, side: str | None = None, **cfg):
+    tower = RegTower(**cfg)
+    tower.spec, tower.build_cfg = f"auxtest:{name}", dict(cfg)
+    return tower
+
+
+@pytest.fixture
+def reg_tower_registered():
+    registry.register_family("tower", "auxtest", help="test tower with an aux loss")(build_reg_tower)
+    yield "auxtest:vit"
+    registry._families["tower"].pop("auxtest")
+
+
+def test_a_towers_aux_loss_reaches_the_total_and_trains_the_tower(reg_tower_registered):
+    """DualEncoder.forward carries the tower's ``img/reg_loss``; total_loss sums it; its gradient reaches the
+    image tower (and only it); a VisionLLM carries it next to ``lm_loss``."""
+    from vlm.losses import ClipLoss, loss_terms, total_loss
+    from vlm.model import DualEncoder
+
+    torch.manual_seed(0)
+    model = DualEncoder.from_config({"image_tower": reg_tower_registered, "text_tower": "tiny:text"})
+    px = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    enc = model.tokenizer(TEXTS[:3])
+    out = model(px, enc["input_ids"], enc["attention_mask"])
+    assert {"img/reg_loss", "img/token_norm"} <= set(out) and out["img/reg_loss"].requires_grad
+    losses = loss_terms(ClipLoss()(out), out)
+    assert sorted(losses) == ["contrastive_loss", "img/reg_loss"]  # the diagnostic is not a loss term
+    torch.testing.assert_close(total_loss(losses), out["img/reg_loss"] + losses["contrastive_loss"])
+    losses["img/reg_loss"].backward()  # the aux loss alone: gradients in the image tower, none elsewhere
+    img_grads = [p.grad for p in model.image_tower.parameters()]
+    assert all(g is not None for g in img_grads) and any(float(g.abs().sum()) > 0 for g in img_grads)
+    assert all(p.grad is None for p in model.text_tower.parameters())
+    # encode_image stays the tensor API evaluation uses; the aux goes nowhere there
+    assert model.encode_image(px).shape == (3, model.embed_dim)
+
+    from vlm.vision_llm.model import VisionLLM, VisionLLMConfig
+
+    vlm = VisionLLM(VisionLLMConfig(tower=reg_tower_registered, projector="moe:e2", llm="tiny:llama"))
+    o = vlm({"pixels": px, "target": ["a", "b", "c"], "lang": ["en", "de", "fr"]})
+    assert {"lm_loss", "img/reg_loss", "proj/balance_loss"} <= set(o)
+    assert set(loss_terms(o)) == {"lm_loss", "img/reg_loss", "proj/balance_loss"}
+
+
+def test_a_tower_with_an_unnamespaced_aux_key_is_an_error(reg_tower_registered, monkeypatch):
+    from vlm.model import DualEncoder
+
+    model = DualEncoder.from_config({"image_tower": reg_tower_registered, "text_tower": "tiny:text"})
+    monkeypatch.setattr(model.image_tower, "forward", lambda px: (torch.zeros(px.shape[0], 17, 32), {"reg_loss": px.sum()}))
+    enc = model.tokenizer(TEXTS[:2])
+    with pytest.raises(ValueError, match="aux key 'reg_loss'.*'img/<name>'"):
+        model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), enc["input_ids"], enc["attention_mask"])
+
