@@ -53,6 +53,7 @@ from torch import nn
 
 from vlm.distributed import all_gather_object, barrier
 from vlm.errors import UserError
+from vlm.fileio import respect_umask
 from vlm.rng import capture_rng_state, restore_rng_state
 
 STEP_RE = re.compile(r"^step-(\d{8,})$")
@@ -128,6 +129,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, metada
     from safetensors.torch import save_file
 
     save_file(_dedup_shared(state), str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    respect_umask(path)  # safetensors writes 0600
 
 
 def load_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
