@@ -20,7 +20,7 @@ A row has either ``caption`` + ``lang`` (``lang`` may come from ``--lang``), or 
 ``{lang: text or [texts]}``, or both. Relative image paths resolve against the rows file's folder.
 VQA rows: ``question`` (a string in ``lang``, or ``{lang: question}``) + ``answers`` (a string or list,
 or ``{lang: [answers]}``; ``answer`` is accepted too), with or without captions: they are checked with
-:func:`eval.vqa.parse_vqa` (the reader's own parser), written into the json per language
+:func:`vlm.data.vqa.parse_vqa` (the loader's own parser), written into the json per language
 (``{"question": {lang: q}, "answers": {lang: [...]}}``) and counted in the manifest (``questions_per_lang``). A VQA row without captions has ``captions`` {} in
 its json and its question as the ``.txt``; VQA-only shard sets feed ``vqa_data`` of a finetune config and
 ``vlm eval vqa``, not caption training (the caption reader skips such samples as ``missing_caption``).
@@ -374,7 +374,7 @@ def _parse_vqa_row(row: dict, default_lang: str | None) -> dict[str, tuple[str, 
     {} for a row without one. A question whose answers are missing or unusable is a ``bad_row``."""
     if row.get("question") in (None, ""):
         return {}
-    from vlm.eval.vqa import parse_vqa
+    from vlm.data.vqa import parse_vqa
     from vlm.data.decode import SampleSkipped
     from vlm.data.langs import UnknownLanguage, normalize_lang
 

@@ -1,16 +1,22 @@
 """Inspect a shard set safely: counts per language and member type, sizes, examples, broken shards.
 
     from vlm.data_recipes.inspect import inspect_shards, format_report
-    report = inspect_shards("shards/")                     # a dir, a glob, a brace range, a list, "a::b"
+    report = inspect_shards("shards/")          # exactly the specs the loader takes: a dir, glob, range, list
     print(format_report(report))
 
 CLI: ``vlm shards inspect SPEC [SPEC ...] [--examples K] [--json]``.
 
+Shard specs are parsed by the loader's own ``vlm.data.decode.expand_shards`` and opened with its
+``open_shard``, so inspect accepts exactly what ``make_loader`` accepts (a directory means its ``*.tar`` /
+``*.tar.gz`` files; missing local shards are one DataError naming them; ``pipe:`` is refused).
+
 Safety: shards are read with :mod:`tarfile` in streaming mode and nothing is ever extracted to disk or
-unpickled. Only ``.json`` and ``.txt`` members are parsed (UTF-8, at most ``MAX_TEXT_BYTES`` each); image
+unpickled. No shard content can stop the report: a member that cannot be parsed (bad UTF-8, bad or
+too deeply nested JSON, a json that is not an object) is counted under ``problems``, like the training
+reader counts it, and the inspection goes on. Only ``.json`` and ``.txt`` members are parsed (UTF-8, at most ``MAX_TEXT_BYTES`` each); image
 members (``jpg``/``jpeg``/``png``/``webp``) are opened with PIL restricted to JPEG/PNG/WEBP for their
 *header only* (size, from the first ``HEADER_BYTES`` of the member), never decoded. Every other member (``.pyd``, ``.pth``, ``.npy`` ...) is only counted by
-extension. A shard that is missing, unreadable or truncated is reported in ``errors`` with what was read
+extension. A shard that cannot be opened or is truncated is reported in ``errors`` with what was read
 before the break, and the inspection goes on with the next shard.
 
 Samples are grouped like webdataset does: the key is the member path up to the first dot of its file name,
@@ -21,7 +27,6 @@ samples are compared with it.
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
@@ -38,37 +43,15 @@ MAX_TEXT_BYTES = 1 << 20  # a caption or metadata member larger than 1 MiB is no
 HEADER_BYTES = 1 << 20  # an image's size is read from its first 1 MiB (room for large EXIF/ICC blocks)
 
 
-def expand_shards(spec: str | os.PathLike | list) -> list[Path]:
-    """Local shard paths from a directory (its ``*.tar``), a glob, a brace range
-    (``shard-{000000..000009}.tar``), a ``::``-separated list or a list of any of these."""
-    from braceexpand import braceexpand
+def expand_shards(spec) -> list[str]:
+    """The loader's shard-spec parser (``vlm.data.decode.expand_shards``; ``os.PathLike`` accepted too)."""
+    from vlm.data.decode import expand_shards as _expand
 
     if isinstance(spec, (list, tuple)):
-        return [p for s in spec for p in expand_shards(s)]
-    spec = str(spec)
-    out: list[Path] = []
-    for part in (s for s in spec.split("::") if s):
-        if "://" in part or part.startswith("pipe:"):
-            raise DataError(f"shard {part!r}: inspect reads local files only; copy the shards locally first")
-        for item in braceexpand(part):
-            p = Path(item).expanduser()
-            if p.is_dir():
-                found = sorted(p.glob("*.tar")) + sorted(p.glob("*.tar.gz"))
-                if not found:
-                    subs = sorted(str(d) for d in p.iterdir() if d.is_dir() and any(d.glob("*.tar")))
-                    raise DataError(f"folder {p} holds no .tar shards; give the folder the shards are in"
-                                    + (f" (e.g. {', '.join(subs[:3])})" if subs else ""))
-                out.extend(found)
-            elif any(ch in item for ch in "*?["):
-                found = sorted(Path(x) for x in glob.glob(item))
-                if not found:
-                    raise DataError(f"no shard matches the pattern {item!r}")
-                out.extend(found)
-            else:
-                out.append(p)  # a missing file is reported per shard, not fatal
-    if not out:
-        raise DataError(f"shard spec {spec!r} names no shards")
-    return out
+        spec = [os.fspath(x) if isinstance(x, os.PathLike) else x for x in spec]
+    elif isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    return _expand(spec)
 
 
 def _image_size(data: bytes) -> tuple[int, int] | None:
@@ -113,9 +96,11 @@ class _Stats:
             if ext == "json":
                 try:
                     meta = json.loads(data.decode("utf-8"))
-                    meta = meta if isinstance(meta, dict) else {}
-                except (UnicodeDecodeError, json.JSONDecodeError):
+                except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: [[[[...]]]]
+                    meta = None
+                if not isinstance(meta, dict):
                     self.problems["bad_json"] += 1
+                    meta = {}
             elif ext == "txt":
                 try:
                     text = data.decode("utf-8")
@@ -146,18 +131,23 @@ class _Stats:
             self.labels[meta["label"]] += 1
         if len(self.examples) < self.want:
             first = next((v[0] if isinstance(v, list) and v else v for v in caps.values()), None)
+            first = first if isinstance(first, str) else None  # any other JSON value is no caption
             self.examples.append({"key": key, "lang": meta.get("lang") or (langs[0] if langs else None),
                                   "caption": text if text is not None else first,
                                   "langs": langs, "label": meta.get("label"), "members": sorted(members)})
 
 
-def _read_shard(path: Path, stats: _Stats) -> dict:
-    info: dict[str, Any] = {"path": str(path), "samples": 0, "bytes": None, "error": None}
+def _read_shard(url: str, stats: _Stats) -> dict:
+    from vlm.data.decode import open_shard
+
+    info: dict[str, Any] = {"path": url, "samples": 0, "bytes": None, "error": None}
+    local = os.path.isfile(url)
+    path = Path(url)
     try:
-        info["bytes"] = path.stat().st_size
-        f = open(path, "rb")
-    except OSError as e:
-        info["error"] = f"cannot open: {e.strerror or e}"
+        info["bytes"] = path.stat().st_size if local else None
+        f = open_shard(url)
+    except Exception as e:  # noqa: BLE001 - vanished file, permissions, network: reported, go on
+        info["error"] = f"cannot open: {getattr(e, 'strerror', None) or e}"
         return info
     before = stats.samples
     key, members, sizes = None, {}, {}
@@ -183,7 +173,7 @@ def _read_shard(path: Path, stats: _Stats) -> dict:
                     members[ext] = None  # counted by extension, never read
         if members:
             stats.add(key, members, sizes)
-        if path.suffix == ".tar" and not _has_end_marker(path, info["bytes"]):
+        if local and path.suffix == ".tar" and not _has_end_marker(path, info["bytes"]):
             # tarfile treats a header cut short after the first member as the end of the archive
             info["error"] = "truncated tar: no end-of-archive marker (the last samples may be missing)"
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:

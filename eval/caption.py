@@ -6,8 +6,9 @@
     out["results"]["per_language"]["de"]["chrf"]
 
 Shards are in the data layer's caption layout (``.json`` ``captions`` {lang: [..]}, or ``.txt`` + json
-``lang``); records are read with its safe reader and decoder (``tar_records`` + ``decode_record``: no
-pickle member is read, the image is resized by the tower's own ``ImagePreprocess``), in shard order.
+``lang``); they are read by the training loader itself (``make_loader(task="caption")`` through
+:mod:`eval.shards`: one ordered pass, no pickle member read, the image resized by the tower's own
+``ImagePreprocess``, bad samples skipped and counted, never raised; the counts go into the report).
 For every image, one caption is generated in each language the image has references in (``langs``
 restricts them): a sample of the img2dataset layout is captioned in its own language, a demo sample in
 all 16. Generation is batched per language (``VisionLLM.generate`` with the model's own caption template
@@ -30,38 +31,26 @@ from vlm.errors import DataError
 __all__ = ["caption_records", "evaluate_captions", "generate_captions"]
 
 
-def caption_records(shards, preprocess, stats, default_lang: str | None = None) -> Iterator[dict]:
-    """Every usable sample of ``shards`` in order: ``{key, pixels uint8 [3,S,S], captions {lang: [str]}}``.
-    Skipped records are counted in ``stats`` (``vlm.data.decode.SkipStats``) by reason."""
-    from vlm.eval.vqa import shard_records
-    from vlm.data.decode import SampleSkipped, decode_record, expand_shards
+def caption_records(shards, preprocess, stats, default_lang: str | None = None, *, batch_size: int = 16,
+                    num_workers: int = 0) -> Iterator[dict]:
+    """Every usable sample of ``shards`` in the loader's fixed order: ``{key, pixels uint8 [3,S,S],
+    captions {lang: [str]}}``. Skipped records are counted in ``stats`` (``vlm.data.decode.SkipStats``)
+    by reason, updated after every batch."""
+    from vlm.eval.shards import ordered_stream, samples
 
-    for rec in shard_records(expand_shards(shards), stats):
-        url = rec["__url__"]
-        for note in rec.get("__notes__", []):
-            stats.add(note, key=rec["__key__"], url=url)
-        if rec["__key__"] is None:
-            continue
-        notes: list[str] = []
-        try:
-            s = decode_record(rec, image_size=int(preprocess.image_size), resize_mode=preprocess.resize_mode,
-                              interpolation=preprocess.interpolation, default_lang=default_lang, notes=notes)
-        except SampleSkipped as e:
-            if e.reason:
-                stats.add(e.reason, key=rec["__key__"], url=url, detail=e.detail)
-            continue
-        for note in notes:
-            stats.add(note, key=rec["__key__"], url=url)
-        yield {"key": s["key"], "pixels": s["pixels"], "captions": s["captions"]}
+    stream = ordered_stream(shards, preprocess, task="caption", batch_size=batch_size, num_workers=num_workers,
+                            default_lang=default_lang, fields=("key", "captions"))
+    yield from samples(stream, stats)
 
 
 @torch.no_grad()
 def generate_captions(model, shards, *, langs: list[str] | None = None, batch_size: int = 16,
                       max_new_tokens: int = 48, limit: int | None = None, device: str = "cpu",
                       blank_images: bool = False, num_beams: int = 1, default_lang: str | None = None,
-                      progress: bool = False) -> tuple[list[dict], dict]:
+                      progress: bool = False, num_workers: int = 0) -> tuple[list[dict], dict]:
     """Caption the first ``limit`` images of ``shards`` (all when None) in each of their reference languages
-    (within ``langs``). Returns (rows ``{id, lang, prediction, references}``, skip counts by reason)."""
+    (within ``langs``). Returns (rows ``{id, lang, prediction, references}``, skip counts by reason).
+    ``num_workers``: loader workers decoding the shards."""
     from vlm.eval.vqa import language_batches
     from vlm.data.decode import SkipStats
     from vlm.data.langs import normalize_lang
@@ -71,7 +60,8 @@ def generate_captions(model, shards, *, langs: list[str] | None = None, batch_si
     rows: list[dict] = []
     seen = 0
     model.eval()
-    samples = caption_records(shards, model.image_preprocess, stats, default_lang)
+    samples = caption_records(shards, model.image_preprocess, stats, default_lang, num_workers=num_workers,
+                              batch_size=min(batch_size, limit) if limit else batch_size)
     for chunk, pixels, by_lang in language_batches(
             samples, batch_size, lambda s: [lg for lg in (want if want is not None else s["captions"])
                                             if lg in s["captions"]],

@@ -11,7 +11,10 @@ under ``--name`` (default: the task, plus the mode for zero-shot) and prints the
   embeddings are cached in ``--cache-dir`` (default ``{out}/text_cache``), keyed by a fingerprint of the
   model files.
 * ``retrieval``: per-language image<->text Recall@1/5/10 over shards whose ``.json`` holds
-  ``captions`` {lang: [...]}; images embedded once, captions read from the ``.json`` members by key.
+  ``captions`` {lang: [...]}; one pass of the loader embeds the images and collects their captions.
+
+Every shard path goes through the training loader (``vlm.data.wds.make_loader`` via ``eval.shards``:
+workers, no shuffle, every sample once, bad samples skipped and counted in the report's ``skipped``).
 * ``caption`` / ``vqa``: metrics on a predictions JSONL (rows ``{id, lang, prediction, references}`` /
   ``{id, lang, prediction, answers}``), or ``--model DIR --shards SPEC``: a saved vision-LLM generates
   them first (``eval.caption`` / ``eval.vqa``, written by the vision-LLM engineer), then the same metrics.
@@ -94,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int, default=48 if task == "caption" else 16)
         p.add_argument("--limit", type=int, default=None, help="with --model: only the first N images")
         p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+        p.add_argument("--workers", type=int, default=2, help="with --model: shard loader workers (default 2)")
 
     c = sub.add_parser("compare", help="one Markdown table over several report JSONs")
     c.add_argument("reports", nargs="+", help="report .json files written by vlm eval")
@@ -128,16 +132,13 @@ def load_model(path: str, device: str = "cpu"):
 
 
 def _shard_batches(spec: str, model, args):
-    """One ordered pass over the shards through the data layer (``make_loader``): every sample once, no
-    shuffle, the last partial batch kept, strings only (no tokenising). Yields Batch dicts with pixels,
-    class_id and key; ``.skipped`` counts what could not be used."""
-    from vlm.data.decode import expand_shards
-    from vlm.data.wds import DataConfig, make_loader
+    """One ordered pass over the shards through the data layer (``eval.shards.ordered_stream``): every
+    sample once, no shuffle, the last partial batch kept, strings only (no tokenising). Yields Batch dicts
+    with pixels, class_id, key and captions; ``.skipped`` counts what could not be used."""
+    from vlm.eval.shards import ordered_stream
 
-    n_shards = len(expand_shards(spec))
-    cfg = DataConfig(shards=spec, batch_size=args.batch_size, num_workers=max(0, min(args.workers, n_shards)),
-                     shuffle_buffer=0, shuffle_shards=False, drop_last=False, resampled=False)
-    return make_loader(cfg, model.image_preprocess, None, rank=0, world_size=1, task="image")
+    return ordered_stream(spec, model.image_preprocess, task="image", batch_size=args.batch_size,
+                          num_workers=args.workers)
 
 
 def _metadata(args, **extra) -> dict:
@@ -183,10 +184,14 @@ def run_zeroshot(args) -> int:
                     cmap = {str(k): int(v) for k, v in json.load(f).items()}
             except (OSError, ValueError, AttributeError) as e:
                 raise DataError(f"--class-map {args.class_map}: need a JSON object {{folder: class id}} ({e})") from None
+        from vlm.data.decode import SkipStats
+
         ds = ImageFolderDataset(args.image_folder, model.image_preprocess, cmap)
-        batches = folder_batches(ds, args.batch_size, args.workers)
+        stats = SkipStats(where="eval/image-folder")
+        batches = folder_batches(ds, args.batch_size, args.workers, stats)
         emb, cls, _ = embed_images(model, batches, args.device, progress, total=-(-len(ds) // args.batch_size),
                                    bf16=bf16, keep_classes=wanted)
+        skipped = stats.as_dict()
     else:
         stream = _shard_batches(args.images, model, args)
         emb, cls, _ = embed_images(model, stream, args.device, progress, bf16=bf16, keep_classes=wanted)
@@ -217,16 +222,16 @@ def _default_prompts(labels_path: str) -> str:
 def run_retrieval(args) -> int:
     import torch
 
-    from vlm.eval.retrieval import evaluate_retrieval, read_captions
+    from vlm.eval.retrieval import captions_of, evaluate_retrieval
     from vlm.eval.zeroshot import embed_images, make_text_encoder, model_fingerprint
 
-    captions = read_captions(args.shards)
-    if not captions:
-        raise DataError(f"no captions found in the .json members of {args.shards}")
     model = load_model(args.model, args.device)
     stream = _shard_batches(args.shards, model, args)
     bf16 = args.precision == "bf16"
-    emb, _, keys = embed_images(model, stream, args.device, not args.no_progress, bf16=bf16)
+    captions: dict = {}  # filled by the same pass that embeds the images
+    emb, _, keys = embed_images(model, captions_of(stream, captions), args.device, not args.no_progress, bf16=bf16)
+    if not captions:
+        raise DataError(f"no captions found in the .json members of {args.shards}; skipped: {stream.skipped}")
     keep = [i for i, k in enumerate(keys) if k in captions]
     seen, uniq = set(), []
     for i in keep:  # one embedding per image even if a key repeats
@@ -274,7 +279,7 @@ def _generate_and_score(args) -> int:
 
     model = VisionLLM.from_pretrained(args.model, device=args.device)
     kw = dict(langs=_langs(args.langs), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-              limit=args.limit, device=args.device, progress=not args.no_progress)
+              limit=args.limit, device=args.device, progress=not args.no_progress, num_workers=args.workers)
     meta = _metadata(args, model=os.path.abspath(args.model))
     name = args.name or args.eval_task
     if args.eval_task == "caption":

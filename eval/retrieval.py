@@ -14,10 +14,11 @@ image with m captions among T = 1 - C(T-m, K)/C(T, K), averaged over images. Met
 ``mean_recall`` is the mean of the six recalls (the usual single-number summary).
 
 ``evaluate_retrieval`` embeds each language's captions once (images are embedded once for all
-languages by the caller) and returns the results dict for ``eval.report``. ``read_captions`` reads all
-captions of every shard sample (the data loader's batches carry one picked language per sample),
-through the data layer's safe tar reader, keyed by sample key to join with the image embeddings made
-from ``vlm.data.wds.make_loader`` batches.
+languages by the caller) and returns the results dict for ``eval.report``. Shards are read by the
+training loader (``make_loader(task="image")`` through :mod:`eval.shards`), whose batches carry every
+sample's captions in all its languages: ``vlm eval retrieval`` embeds the images and collects the
+captions in that one pass (:func:`captions_of`), so keys always join and a bad sample is skipped and
+counted once, never raised. :func:`read_captions` is the captions-only form of the same pass.
 """
 from __future__ import annotations
 
@@ -128,30 +129,30 @@ def evaluate_retrieval(image_emb: torch.Tensor, captions: list[dict[str, list[st
             "summary": summary, "warnings": []}
 
 
-def read_captions(spec, default_lang: str | None = None) -> dict[str, dict[str, list[str]]]:
-    """{sample key: {lang: [captions]}} of every sample of the shards ``spec`` (anything
-    ``vlm.data.decode.expand_shards`` takes), read with the data layer's own safe tar reader and caption
-    parser (``.json`` ``captions`` {lang: str | [str]}, or the ``.txt`` caption in ``json["lang"]``), so keys
-    and language codes match the image batches. Pickle-like members are never read; unusable samples are
-    left out (the image loader skips and counts them too)."""
-    from vlm.data.decode import (SampleSkipped, decode_json, decode_text, expand_shards, open_shard,
-                                 parse_captions, tar_records)
+def captions_of(batches, into: dict):
+    """Pass ``batches`` (loader batches with ``key`` and ``captions`` lists) through unchanged, collecting
+    ``into[key] = {lang: [NFC captions]}`` for the samples that have captions."""
+    for b in batches:
+        for key, caps in zip(b.get("key") or [], b.get("captions") or []):
+            if caps:
+                into[key] = {lang: [unicodedata.normalize("NFC", c) for c in cs] for lang, cs in caps.items()}
+        yield b
 
+
+def read_captions(spec, default_lang: str | None = None, *, stats=None, num_workers: int = 0
+                  ) -> dict[str, dict[str, list[str]]]:
+    """{sample key: {lang: [captions]}} of every usable sample of the shards ``spec`` (anything
+    ``vlm.data.decode.expand_shards`` takes), read by the training loader (``task="caption"``: ``.json``
+    ``captions`` {lang: str | [str]}, or the ``.txt`` caption in ``json["lang"]``), so keys and language
+    codes match the image batches. Unusable samples and broken shards are skipped and counted in
+    ``stats`` (a ``vlm.data.decode.SkipStats``), never raised."""
+    from vlm.eval.shards import ordered_stream, samples
+    from vlm.towers.base import ImagePreprocess
+
+    # the images are decoded (the loader's validity test is the same as for training), at a small size
+    stream = ordered_stream(spec, ImagePreprocess(image_size=16), task="caption", batch_size=64,
+                            num_workers=num_workers, default_lang=default_lang, fields=("key", "captions"))
     out: dict[str, dict[str, list[str]]] = {}
-    for url in expand_shards(spec):
-        try:
-            stream = open_shard(url)
-        except OSError as e:
-            raise DataError(f"cannot open shard {url}: {e}") from None
-        with stream:
-            for rec in tar_records(url, stream):
-                if rec["__key__"] is None:
-                    continue  # truncated shard: its readable samples were already yielded
-                try:
-                    meta = decode_json(rec["json"]) if "json" in rec else None
-                    txt = decode_text(rec["txt"]) if "txt" in rec else None
-                    caps = parse_captions(txt, meta, default_lang, [])
-                except SampleSkipped:
-                    continue
-                out[rec["__key__"]] = {lang: [unicodedata.normalize("NFC", c) for c in cs] for lang, cs in caps.items()}
+    for s in samples(stream, stats):
+        out[s["key"]] = {lang: [unicodedata.normalize("NFC", c) for c in cs] for lang, cs in s["captions"].items()}
     return out

@@ -316,16 +316,20 @@ def model_fingerprint(path: str) -> str:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """An ImageNet-style folder (``root/<class folder>/<image>``) -> ``(pixels uint8 [3, S, S], class_id)``.
+    """An ImageNet-style folder (``root/<class folder>/<image>``) -> per image ``{"pixels": uint8 [3, S, S] |
+    None, "class_id": int, "key": path, "skipped": reason | None}``.
 
     Folder names map to class ids through ``class_map`` ({folder: id}) or, without one, by sorted order
-    (0, 1, ...). Images are opened with PIL restricted to JPEG/PNG/WEBP, converted to RGB, resized so the
-    shortest side is ``preprocess.image_size`` (bicubic) and center-cropped (``resize_mode="squash"``
-    resizes to a square instead)."""
+    (0, 1, ...). Pixels come from the loader's own :func:`vlm.data.decode.decode_image` with the tower's
+    ``ImagePreprocess`` (size, resize_mode, interpolation, crop_pct; ``vlm.data.wds.decode_settings``), so
+    a folder image gives exactly the pixels it gives inside a shard. An unreadable image is not raised:
+    ``skipped`` names the reason and :func:`folder_batches` counts it."""
 
     EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
     def __init__(self, root: str, preprocess, class_map: dict[str, int] | None = None):
+        from vlm.data.wds import decode_settings
+
         if not os.path.isdir(root):
             raise DataError(f"image folder not found: {root}. Give a folder with one sub-folder per class.")
         folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -342,38 +346,42 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not self.samples:
             raise DataError(f"no .jpg/.jpeg/.png/.webp images under {root}/<class>/")
         self.preprocess = preprocess
+        self.decode_kw = decode_settings(preprocess)
+        self.decode_kw["size"] = self.decode_kw.pop("image_size")
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
-        from PIL import Image
+    def __getitem__(self, i: int) -> dict:
+        from vlm.data.decode import SampleSkipped, decode_image
 
         path, cid = self.samples[i]
-        S = self.preprocess.image_size
+        out = {"pixels": None, "class_id": cid, "key": path, "skipped": None}
         try:
-            with Image.open(path, formats=["JPEG", "PNG", "WEBP"]) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                if getattr(self.preprocess, "resize_mode", "shortest") == "squash":
-                    im = im.resize((S, S), Image.BICUBIC)
-                else:
-                    s = S / min(w, h)
-                    nw, nh = max(S, round(w * s)), max(S, round(h * s))
-                    im = im.resize((nw, nh), Image.BICUBIC)
-                    left, top = (nw - S) // 2, (nh - S) // 2
-                    im = im.crop((left, top, left + S, top + S))
-                x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(S, S, 3).permute(2, 0, 1)
-        except Exception as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
-        return x.contiguous(), cid
+            with open(path, "rb") as f:
+                out["pixels"] = decode_image(f.read(), **self.decode_kw)
+        except SampleSkipped as e:
+            out["skipped"] = e.reason
+        except OSError:  # vanished / unreadable file
+            out["skipped"] = "missing_image"
+        return out
 
 
-def folder_batches(dataset: ImageFolderDataset, batch_size: int = 64, num_workers: int = 0):
-    """Batches ``{"pixels": uint8 [B, 3, S, S], "class_id": [B], "key": [paths]}`` over the folder."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    start = 0
-    for px, cid in loader:
-        keys = [p for p, _ in dataset.samples[start:start + len(cid)]]
-        start += len(cid)
-        yield {"pixels": px, "class_id": cid.long(), "key": keys}
+def _folder_collate(items: list[dict]) -> dict:
+    ok = [x for x in items if x["skipped"] is None]
+    return {"pixels": torch.stack([x["pixels"] for x in ok]) if ok else None,
+            "class_id": torch.tensor([x["class_id"] for x in ok], dtype=torch.long),
+            "key": [x["key"] for x in ok], "skipped": [x["skipped"] for x in items if x["skipped"] is not None]}
+
+
+def folder_batches(dataset: ImageFolderDataset, batch_size: int = 64, num_workers: int = 0, stats=None):
+    """Batches ``{"pixels": uint8 [B, 3, S, S], "class_id": [B], "key": [paths]}`` over the folder, in
+    order; unreadable images are left out and counted by reason in ``stats`` (a ``SkipStats``)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                                         collate_fn=_folder_collate)
+    for b in loader:
+        for reason in b.pop("skipped"):
+            if stats is not None:
+                stats.add(reason)
+        if b["pixels"] is not None:
+            yield b

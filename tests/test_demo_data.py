@@ -169,13 +169,15 @@ def test_caption_mentions_reads_class_and_colour_back_from_every_caption():
 
 
 def test_demo_samples_carry_a_vqa_pair_in_every_language(demo):
-    from vlm.eval.vqa import vqa_records
     from vlm.data.decode import SkipStats
+    from vlm.eval.shards import ordered_stream, samples
     from vlm.towers.base import ImagePreprocess
 
     t = demo_texts()
     stats = SkipStats()
-    recs = list(vqa_records([str(p) for p in demo.val], ImagePreprocess(image_size=32), stats))
+    stream = ordered_stream([str(p) for p in demo.val], ImagePreprocess(image_size=32), task="vqa",
+                            fields=("key", "qa"))
+    recs = list(samples(stream, stats))
     assert len(recs) == SMALL["val"] and stats.as_dict() == {}
     metas = {key: json.loads(m["json"]) for key, m in _samples(demo.val).items()}
     for r in recs:

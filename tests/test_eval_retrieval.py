@@ -84,16 +84,28 @@ class _Payload:
         return (open, (self.path, "w"))
 
 
-def test_read_captions_reads_only_text_members(tmp_path):
+def test_read_captions_through_the_loader_skips_and_counts(tmp_path):
+    from PIL import Image
+
+    from vlm.data.decode import SkipStats
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(png, "PNG")
+    png = png.getvalue()
     marker = tmp_path / "pwned"
     members = {
-        "a1.jpg": b"\xff\xd8 not really a jpeg",
+        "a1.png": png,
         "a1.json": json.dumps({"captions": {"en": ["a dog", "a brown dog"], "DE": "ein Hund"}}).encode(),
+        "a2.png": png,
         "a2.txt": "une chatte".encode(),
         "a2.json": json.dumps({"lang": "fr"}).encode(),
+        "a3.png": png,
         "a3.pyd": pickle.dumps(_Payload(str(marker))),
         "a3.json": json.dumps({"captions": {"en": "a car"}}).encode(),
+        "a4.png": png,
         "a4.json": b"\xff\xfe broken",
+        "a5.jpg": b"\xff\xd8 not really a jpeg",
+        "a5.json": json.dumps({"captions": {"en": "unseen"}}).encode(),
     }
     path = tmp_path / "s-000.tar"
     with tarfile.open(path, "w") as tf:
@@ -101,7 +113,10 @@ def test_read_captions_reads_only_text_members(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    caps = read_captions(str(path))
+    (tmp_path / "s-001.tar").write_bytes(b"this is not a tar file" * 40)  # a broken shard: counted, not raised
+    stats = SkipStats()
+    caps = read_captions(f"{path}::{tmp_path / 's-001.tar'}", stats=stats)
     assert caps == {"a1": {"en": ["a dog", "a brown dog"], "de": ["ein Hund"]}, "a2": {"fr": ["une chatte"]},
                     "a3": {"en": ["a car"]}}
+    assert stats.as_dict() == {"bad_utf8": 1, "corrupt_image": 1, "truncated_tar": 1, "unsafe_member_ignored": 1}
     assert not os.path.exists(marker)

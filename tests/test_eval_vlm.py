@@ -1,5 +1,5 @@
 """Caption / VQA evaluation from a vision-LLM over shards (eval.caption, eval.vqa, `vlm eval caption|vqa
---model`), the VQA training stream, and the demo's vision-LLM stage (vlm.cli.demo_vlm)."""
+--model`), the VQA training stream (make_loader(task="vqa")), and the demo's vision-LLM stage (vlm.cli.demo_vlm)."""
 import io
 import json
 from pathlib import Path
@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from vlm.eval.caption import evaluate_captions, generate_captions
-from vlm.eval.vqa import VQAStream, evaluate_vqa, majority_answer, parse_vqa
+from vlm.eval.vqa import evaluate_vqa
 from vlm.adapters.lora import LoraAdapter
 from vlm.data.decode import SampleSkipped
-from vlm.data.wds import DataConfig
+from vlm.data.vqa import majority_answer, parse_vqa
+from vlm.data.wds import DataConfig, make_loader
 from vlm.vision_llm import VisionLLM, VisionLLMConfig
 
 LANGS = ["en", "de", "zh"]
@@ -54,7 +55,7 @@ def test_parse_vqa_formats():
     both = parse_vqa({"question": {"en": "Q", "ZH": "问"}, "answers": {"en": "yes", "zh": ["是"]}})
     assert both == {"en": ("Q", ["yes"]), "zh": ("问", ["是"])}
     assert parse_vqa({"question": "Q", "answer": "one"}) == {"en": ("Q", ["one"])}
-    with pytest.raises(SampleSkipped):
+    with pytest.raises(SampleSkipped, match="no_vqa"):
         parse_vqa({"question": "Q", "answers": []})
     assert majority_answer(["b", "a", "a", "b", "c", "a"]) == "a"
 
@@ -96,23 +97,26 @@ def test_vqa_eval_and_cli(demo, model_dir, tmp_path):
 
 def test_vqa_stream_resume_is_exact(tmp_path, model_dir):
     shard = vqa_shard(tmp_path / "vqa", n=20)
-    cfg = DataConfig(shards=shard, batch_size=3, shuffle_buffer=6, shuffle_initial=3, seed=3)
+    cfg = DataConfig(shards=shard, batch_size=3, shuffle_buffer=6, shuffle_initial=3, seed=3, num_workers=0)
     pre = VisionLLM.from_pretrained(model_dir).image_preprocess
-    full = list(VQAStream(cfg, pre))
-    s = VQAStream(cfg, pre)
+    full = list(make_loader(cfg, pre, task="vqa"))
+    s = make_loader(cfg, pre, task="vqa")
     it = iter(s)
     head = [next(it), next(it)]
     state = json.loads(json.dumps(s.state_dict()))
-    rest = list(VQAStream(cfg, pre, start=state))
+    rest = list(make_loader(cfg, pre, task="vqa", start_sample=state))
     keys = [b["key"] for b in full]
-    assert [b["key"] for b in head + rest] == keys and len(keys) == 6  # 19 usable, drop_last
+    assert [b["key"] for b in head + rest] == keys and len(keys) == 6  # 20 usable, drop_last
     assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(full[2:], rest))
     assert [b["lang"] for b in full] == [b["lang"] for b in head + rest]
-    s2 = VQAStream(cfg, pre, start=state)
+    assert all(t == majority_answer(a) for b in full for t, a in zip(b["target"], b["answers"]))
+    assert {"question", "answers", "target", "lang", "key"} <= set(full[0]) and "prompt" not in full[0]
+    s2 = make_loader(cfg, pre, task="vqa", start_sample=state)
     list(s2)
-    assert s2.skipped == {"corrupt_image": 1}  # counted once, before or after the checkpoint
+    # counted once, before or after the checkpoint; the last 2 usable samples are a dropped partial batch
+    assert s2.skipped == {"corrupt_image": 1, "partial_batch_dropped": 2}
     with pytest.raises(Exception, match="shard"):
-        VQAStream(cfg, pre, rank=0, world_size=2)
+        make_loader(cfg, pre, task="vqa", rank=0, world_size=2)
 
 
 def test_demo_vlm_quick(demo, tmp_path):

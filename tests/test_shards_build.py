@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -199,10 +200,77 @@ def test_inspect_counts_and_broken_shards(rows_dir, tmp_path):
             ti = tarfile.TarInfo(name)
             ti.size = len(payload)
             t.addfile(ti, io.BytesIO(payload))
-    r = inspect_shards([tmp_path / "trunc.tar", tmp_path / "missing.tar", tmp_path / "odd.tar"])
+    r = inspect_shards([tmp_path / "trunc.tar", tmp_path / "odd.tar"])
     errs = {e["path"].rsplit("/", 1)[1]: e["error"] for e in r["errors"]}
-    assert set(errs) == {"trunc.tar", "missing.tar"} and "truncated" in errs["trunc.tar"]
+    assert set(errs) == {"trunc.tar"} and "truncated" in errs["trunc.tar"]
     assert r["extensions"]["pyd"] == 1 and r["problems"]["no_image"] == 1 and r["langs"]["de"] == 1
+    # a missing shard is a user error, named, exactly as the loader refuses it
+    with pytest.raises(DataError, match="missing.tar"):
+        inspect_shards([tmp_path / "trunc.tar", tmp_path / "missing.tar"])
+
+
+def _tar(path, members: dict) -> str:
+    with tarfile.open(path, "w") as t:
+        for name, payload in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(payload)
+            t.addfile(ti, io.BytesIO(payload))
+    return str(path)
+
+
+def _png_bytes() -> bytes:
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.new("RGB", (12, 10), (200, 10, 10)).save(b, "PNG")
+    return b.getvalue()
+
+
+def test_nested_json_is_counted_not_fatal_in_inspect_and_loader(tmp_path):
+    """A 10 kB member of nested brackets made json.loads raise RecursionError: inspect lost the whole
+    report. Both readers now count it as bad_json and go on with the other samples and shards."""
+    from vlm.data.wds import DataConfig, make_loader
+    from vlm.towers.base import ImagePreprocess
+
+    nested = b"[" * 5000 + b"]" * 5000
+    good = json.dumps({"captions": {"en": ["a red box"]}}).encode()
+    d = tmp_path / "s"
+    d.mkdir()
+    _tar(d / "a.tar", {"k1.png": _png_bytes(), "k1.json": nested, "k2.png": _png_bytes(), "k2.json": good})
+    _tar(d / "b.tar", {"k3.png": _png_bytes(), "k3.json": b'{"captions": ' + nested + b"}",
+                       "k4.png": _png_bytes(), "k4.json": good})
+    r = inspect_shards(d)
+    assert (r["num_shards"], r["num_samples"]) == (2, 4) and r["errors"] == []
+    assert r["problems"]["bad_json"] == 2 and r["langs"]["en"] == 2
+    for task in ("caption", "vqa", "contrastive"):
+        cfg = DataConfig(shards=str(d), batch_size=2, num_workers=0, shuffle_buffer=0, drop_last=False)
+        stream = make_loader(cfg, ImagePreprocess(image_size=8), None, task=task)
+        keys = [k for b in stream for k in b["key"]]
+        assert stream.skipped["bad_json"] == 2, task
+        assert sorted(keys) == ([] if task == "vqa" else ["k2", "k4"])
+
+
+def test_inspect_accepts_exactly_the_loader_specs(tmp_path):
+    from vlm.data.decode import expand_shards as loader_expand
+
+    d = tmp_path / "set"
+    d.mkdir()
+    shards = [_tar(d / f"shard-{i:03d}.tar", {f"k{i}.png": _png_bytes(), f"k{i}.txt": b"hi"}) for i in range(3)]
+    (d / "manifest.json").write_text("{}")  # not a shard
+    specs = [str(d), d, f"{d}/*.tar", f"{d}/shard-{{000..002}}.tar", f"{shards[0]}::{shards[2]}", [str(d), shards[1]],
+             "file://" + shards[1]]
+    for spec in specs:
+        want = loader_expand(os.fspath(spec) if isinstance(spec, os.PathLike) else spec)
+        assert expand_shards(spec) == want
+        assert inspect_shards(spec)["num_shards"] == len(want)
+    assert expand_shards(d) == shards
+    (tmp_path / "empty").mkdir()
+    for bad in (str(tmp_path / "empty"), f"{d}/nope-*.tar", str(d / "missing.tar"), f"pipe:cat {shards[0]}"):
+        with pytest.raises(DataError) as e1:
+            loader_expand(bad)
+        with pytest.raises(DataError) as e2:
+            inspect_shards(bad)
+        assert str(e1.value) == str(e2.value)
 
 
 def test_default_pixel_limit_matches_the_reader():
@@ -232,8 +300,8 @@ def test_cli_build_and_inspect(rows_dir, tmp_path, capsys):
 
 
 def test_build_vqa_rows_read_back_by_the_vqa_reader(tmp_path):
-    from vlm.eval.vqa import vqa_records
     from vlm.data.decode import SkipStats
+    from vlm.eval.shards import ordered_stream, samples
     from vlm.towers.base import ImagePreprocess
 
     d = tmp_path / "vqa_src"
@@ -258,8 +326,11 @@ def test_build_vqa_rows_read_back_by_the_vqa_reader(tmp_path):
     meta = json.loads(members["000000002.json"])
     assert meta["captions"] == {} and meta["question"] == {"de": "Was ist das?"} and meta["answers"] == {
         "de": ["ein Quadrat"]} and "answer" not in meta
-    got = {r["key"]: r["qa"] for r in vqa_records([str(s) for s in res.shards], ImagePreprocess(image_size=16),
-                                                  SkipStats())}
+    stats = SkipStats()
+    stream = ordered_stream([str(s) for s in res.shards], ImagePreprocess(image_size=16), task="vqa",
+                            fields=("key", "qa"))
+    got = {r["key"]: r["qa"] for r in samples(stream, stats)}
+    assert stats.as_dict() == {}
     assert got["000000000"] == {"en": ("What colour is it?", ["red", "red", "dark red"])}
     assert got["000000001"] == {"de": ("Welche Farbe?", ["rot"]), "hi": ("कौन सा रंग?", ["लाल"])}
     assert got["000000003"] == {"en": ("Shape?", ["square"])}

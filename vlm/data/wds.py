@@ -401,7 +401,9 @@ class DataStream:
         kw = {}
         if cfg.num_workers:
             kw = dict(prefetch_factor=cfg.prefetch_factor, multiprocessing_context=cfg.mp_context)
-        loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, **kw)
+        # collate_fn=_const: batches pass as the collate made them (default_convert would turn tuples into lists)
+        loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                            collate_fn=_const, **kw)
         for item in loader:
             lw = item.pop("_lw")
             pos = self._pos[lw]
