@@ -67,7 +67,7 @@ def test_heads():
 
 
 def test_lit_lock_frozen_patterns_and_eval_mode():
-    m = DualEncoder.from_config({"lock_image": True, "frozen": ["text_tower.token_embed.*", "logit_scale"]})
+    m = DualEncoder.from_config({"trainable": {"image_tower": "frozen"}, "frozen": ["text_tower.token_embed.*", "logit_scale"]})
     m.train()
     assert not m.image_tower.training and m.text_tower.training  # a locked tower runs in eval mode
     px, ids, mask = _batch(m)
@@ -78,16 +78,17 @@ def test_lit_lock_frozen_patterns_and_eval_mode():
         frozen = n.startswith(("image_tower.", "text_tower.token_embed.")) or n == "logit_scale"
         assert (p.grad is None) == frozen, n
         assert p.requires_grad != frozen, n
-    groups = m.parameter_groups()
-    assert not groups["image_tower"] and groups["text_tower"] and not groups["logit"]
     # unlocked groups: the last block and final norm of the image tower still train
-    m2 = DualEncoder.from_config({"lock_image": True, "lock_image_unlocked_groups": 2})
+    m2 = DualEncoder.from_config({"trainable": {"image_tower": "frozen"}, "unlocked_groups": {"image_tower": 2}})
     trainable = {n for n, p in m2.image_tower.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("blocks.1.", "norm.")) for n in trainable)
     m2.train()
     assert m2.image_tower.training  # partly trainable: normal train mode
     with pytest.raises(ConfigError, match="matches no parameter"):
         DualEncoder.from_config({"frozen": ["text_tower.embeddings.*"]})
+    m3 = DualEncoder.from_config({"trainable": {"heads": "frozen", "logit_scale": "frozen"}, "init_logit_bias": -10.0})
+    assert not m3.logit_scale.requires_grad and not m3.logit_bias.requires_grad
+    assert all(p.requires_grad for p in m3.image_tower.parameters())
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
@@ -133,7 +134,8 @@ def test_hf_and_timm_model_is_self_contained(parts, tmp_path):
     shutil.copytree(parts["clip"], src / "clip")
     shutil.copytree(parts["xlmr"], src / "xlmr")
     cfg = DualEncoderConfig(image_tower=f"hf:{src / 'clip'}", text_tower=f"hf:{src / 'xlmr'}",
-                            text_tower_cfg={"pooling": "mean"}, embed_dim=24, lock_text=True)
+                            text_tower_cfg={"pooling": "mean"}, embed_dim=24,
+                            trainable={"text_tower": "frozen"})
     m = DualEncoder.from_config(cfg).eval()
     px, ids, mask = _batch(m)
     want = m(px, ids, mask)

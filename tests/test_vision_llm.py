@@ -140,23 +140,41 @@ def test_language_control_reaches_the_prompt():
     assert "Caption the image in Swahili:" in text
 
 
-def test_only_configured_parts_train_and_param_groups():
-    m = _model(lr={"projector": 1e-3, "llm": 2e-4})
+@pytest.mark.parametrize("mode", ["lora", "lora+prompt"])
+def test_only_configured_parts_train(mode):
+    m = _model(mode=mode)
     out = m({"pixels": _pixels(2, m), "target": TARGETS[:2], "lang": LANGS[:2]})
     sum(v for k, v in out.items() if k.endswith("_loss")).backward()
     assert all(p.grad is None for p in m.tower.parameters())
     assert all(p.grad is not None for p in m.projector.parameters())
     named = dict(m.llm.model.named_parameters())
-    lora = [p for n, p in named.items() if "lora_B" in n]
-    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
-    assert all(p.grad is None for n, p in named.items() if "lora_" not in n)
-    groups = {g["name"]: g for g in m.param_groups(base_lr=5e-5, weight_decay=0.1)}
-    assert groups["projector"]["lr"] == 1e-3 and groups["llm"]["lr"] == 2e-4
-    assert groups["projector/no_decay"]["weight_decay"] == 0.0 and groups["projector"]["weight_decay"] == 0.1
-    assert all(p.ndim == 1 for p in groups["projector/no_decay"]["params"])
-    assert "tower" not in groups
-    with pytest.raises(UserError, match="trainable.llm"):
+    owned = [n for n in named if "lora_" in n or "prompt_encoder" in n]
+    assert owned and all(named[n].grad is not None and named[n].grad.abs().sum() > 0 for n in owned
+                         if "lora_A" not in n)  # A gets no gradient while B is still 0
+    assert ("prompt" in mode) == any("prompt_encoder" in n for n in owned)
+    assert all(p.grad is None and not p.requires_grad for n, p in named.items() if n not in owned)
+    assert m.config.mode("llm") == mode and m.config.mode("tower") == "frozen"
+    m.train()
+    assert not m.tower.training and m.projector.training
+
+
+def test_trainable_config_errors_name_the_key_and_the_choices():
+    from vlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainable.llm='adapterX': unknown mode 'adapterX'; choose one of "
+                                          r"frozen, full, lora, prompt, lora\+prompt"):
         _model(mode="adapterX")
+    with pytest.raises(ConfigError, match="unknown part 'vision'; the parts of this model are tower, projector, llm"):
+        _model(trainable={"vision": "full"})
+    with pytest.raises(ConfigError, match=r"trainable.tower='lora' is not available for tower; choose one of "
+                                          r"frozen, full$"):
+        _model(trainable={"tower": "lora"})
+    with pytest.raises(ConfigError, match="frozen and full combine with nothing"):
+        _model(mode="full+lora")
+    with pytest.raises(ConfigError, match="unlocked_groups.tower=1 needs trainable.tower=frozen"):
+        _model(trainable={"tower": "full"}, unlocked_groups={"tower": 1})
+    for gone in ("lr", "param_groups"):  # one per-part learning rate: optim.part_lr in the recipes
+        assert not hasattr(VisionLLMConfig(), gone) and not hasattr(VisionLLM, gone)
 
 
 @pytest.mark.parametrize("llm", ["tiny:llama", "tiny:qwen2", "tiny:gemma", "tiny:bloom", "tiny:mt5"])
@@ -227,7 +245,8 @@ def _perturb_adapter(m):
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
 
 
-@pytest.mark.parametrize("llm,mode", [("tiny:llama", "lora"), ("tiny:mt5", "lora"), ("tiny:llama", "prompt")])
+@pytest.mark.parametrize("llm,mode", [("tiny:llama", "lora"), ("tiny:mt5", "lora"), ("tiny:llama", "prompt"),
+                                      ("tiny:llama", "lora+prompt"), ("tiny:mt5", "lora+prompt")])
 def test_save_load_peft_format_and_merge(tmp_path, llm, mode):
     from peft import PeftModel
 
@@ -239,15 +258,22 @@ def test_save_load_peft_format_and_merge(tmp_path, llm, mode):
         loss = m(batch)["lm_loss"]
     gen = m.generate(batch["pixels"], lang="de", max_new_tokens=5)
     m.save_pretrained(tmp_path / "vl")
-    assert (tmp_path / "vl" / "adapter" / "adapter_config.json").is_file()
+    words = mode.split("+")
+    assert sorted(x.name for x in (tmp_path / "vl" / "adapter" / "llm").iterdir()) == sorted(words)
+    assert all((tmp_path / "vl" / "adapter" / "llm" / w / "adapter_config.json").is_file() for w in words)
     back = VisionLLM.from_pretrained(tmp_path / "vl")
     assert not any(p.requires_grad for p in back.parameters())
     with torch.no_grad():
         torch.testing.assert_close(back(batch)["lm_loss"], loss)
     assert back.generate(batch["pixels"], lang="de", max_new_tokens=5) == gen
+    again = VisionLLM.from_pretrained(tmp_path / "vl", trainable=True)  # resume training the adapters
+    assert {n for n, p in again.named_parameters() if p.requires_grad} == \
+        {n for n, p in m.named_parameters() if p.requires_grad}
+    if mode == "lora+prompt":
+        return  # plain peft cannot stack the two; our loader is checked above
     # the adapter folder is plain peft: load it onto a fresh base LLM with peft itself
     emb, _ = m.embed_inputs(batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["labels"])
-    plain = PeftModel.from_pretrained(registry.build("llm", llm).model, str(tmp_path / "vl" / "adapter"))
+    plain = PeftModel.from_pretrained(registry.build("llm", llm).model, str(tmp_path / "vl" / "adapter" / "llm" / mode))
     kw = {"decoder_input_ids": plain.get_base_model().prepare_decoder_input_ids_from_labels(labels=batch["labels"])} \
         if m.llm.is_encoder_decoder else {}
     with torch.no_grad():
@@ -256,7 +282,7 @@ def test_save_load_peft_format_and_merge(tmp_path, llm, mode):
     torch.testing.assert_close(theirs, ours)
     if mode == "lora":
         m.merge_lora()
-        assert not hasattr(m.llm.model, "peft_config")
+        assert not hasattr(m.llm.model, "peft_config") and m.config.mode("llm") == "lora"
         with torch.no_grad():
             torch.testing.assert_close(m(batch)["lm_loss"], loss, atol=1e-4, rtol=1e-4)
         m.save_pretrained(tmp_path / "merged")

@@ -1,7 +1,8 @@
 """The dual encoder (CLIP / ALIGN / SigLIP): two towers, projection heads, a learnable temperature and bias.
 
     cfg = DualEncoderConfig(image_tower="open_clip:ViT-B-32", image_tower_cfg={"pretrained": "/ck/b32.pt"},
-                            text_tower="hf:/models/xlm-roberta-base", embed_dim=512, lock_image=True)
+                            text_tower="hf:/models/xlm-roberta-base", embed_dim=512,
+                            trainable={"image_tower": "frozen"})           # LiT
     model = DualEncoder.from_config(cfg)
     out = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])   # dict, see forward()
     model.save_pretrained("run/final");  DualEncoder.from_pretrained("run/final")    # no network needed
@@ -18,11 +19,21 @@ Design:
   ``max_logit_scale`` (open_clip clamps after each step; clamping in the forward gives the same values and
   no gradient beyond the clamp). ``logit_bias`` exists when ``init_logit_bias`` is set (SigLIP: -10).
   With ``logit_from_pretrained``, a checkpoint's own scale/bias (open_clip towers) are the initial values.
-- Which parameters train is config: ``lock_image`` / ``lock_text`` (LiT; the tower's ``lock`` keeps its
-  last ``*_unlocked_groups`` layer groups trainable, open_clip/timm through their own ``lock``) and
-  ``frozen``: fnmatch patterns over parameter names (``"text_tower.core.embeddings.*"``, ``"logit_scale"``).
-  A tower with no trainable parameter runs under ``no_grad`` and stays in eval mode (dropout and BatchNorm
-  statistics off), as LiT uses its locked tower.
+- Which parameters train is config, in the vocabulary of :mod:`vlm.trainable`: ``trainable: {part: mode}``
+  over the parts ``image_tower``, ``text_tower`` (frozen | full | lora), ``heads`` (``image_proj`` +
+  ``text_proj``) and ``logit_scale`` (``logit_scale`` + ``logit_bias``) (frozen | full), all ``full`` by
+  default; ``unlocked_groups: {image_tower: 2}`` (LiT: a frozen tower's last N layer groups train, through
+  the tower's own ``lock``, open_clip/timm's where they have one), ``freeze_bn_stats``, and ``frozen``:
+  fnmatch patterns over parameter names (``"text_tower.core.embeddings.*"``). A tower with no trainable
+  parameter runs under ``no_grad`` and stays in eval mode (dropout and BatchNorm statistics off), as LiT
+  uses its locked tower. ``lora`` (a :class:`~vlm.adapters.lora.LoraAdapter`) sets the LoRA of towers in
+  mode ``lora``: peft layers injected into the tower (default targets: the Linear layers of its blocks).
+- LoRA towers are saved *merged*: ``model.safetensors`` holds ``W + B A`` under the plain names (so
+  ``from_pretrained``, ``vlm:<dir>`` towers and ``export_open_clip`` see an ordinary dual encoder), and
+  ``adapter/<part>/lora/`` holds each tower's adapter in peft's format (for its original base weights).
+  ``from_pretrained`` loads the merged weights as the base and starts the re-injected LoRA at B = 0 (same
+  outputs). A training checkpoint (``state_dict``) keeps the LoRA layers and loads into a model built
+  from the same config.
 - ``save_pretrained(dir)`` writes ``config.json`` (the config that rebuilds the architecture *without*
   pretrained weights: open_clip towers record their model_cfg, hf towers save config + tokenizer +
   preprocessor files into ``dir/image_tower`` / ``dir/text_tower``) and ``model.safetensors``
@@ -32,7 +43,6 @@ Design:
 """
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import json
 import math
@@ -46,6 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm import registry
+from vlm import trainable as tr
+from vlm.adapters.lora import LoraAdapter, plain_layers, zero_lora
 from vlm.config import ConfigError, from_dict, load_config, to_dict
 from vlm.errors import UserError
 from vlm.towers.base import check_aux
@@ -54,7 +66,10 @@ FORMAT = "vlm.dual_encoder"
 
 
 @dataclass
-class DualEncoderConfig:
+class DualEncoderConfig(tr.TrainableConfig):
+    """The towers, heads and temperature; ``trainable`` / ``unlocked_groups`` / ``freeze_bn_stats`` /
+    ``frozen`` (from :class:`~vlm.trainable.TrainableConfig`) and ``lora`` say what trains."""
+
     image_tower: str = "tiny:vit"  # spec: tiny:vit | open_clip:<arch> | timm:<name> | hf:<dir>
     text_tower: str = "tiny:text"  # spec: tiny:text | open_clip:<arch> | hf:<dir>
     image_tower_cfg: dict[str, Any] = field(default_factory=dict)  # builder kwargs (pretrained=, sizes...)
@@ -66,13 +81,14 @@ class DualEncoderConfig:
     init_logit_bias: Optional[float] = None  # None: CLIP (no bias); SigLIP: -10
     logit_from_pretrained: bool = True  # start from the towers' checkpoint logit_scale / logit_bias if any
     max_logit_scale: float = 100.0  # clamp of exp(logit_scale)
-    lock_image: bool = False  # LiT: freeze the image tower ...
-    lock_image_unlocked_groups: int = 0  # ... except its last N layer groups
-    lock_image_freeze_bn_stats: bool = False
-    lock_text: bool = False
-    lock_text_unlocked_groups: int = 0
-    frozen: list[str] = field(default_factory=list)  # fnmatch patterns over parameter names
+    lora: LoraAdapter = field(default_factory=LoraAdapter)  # for towers in mode lora
     grad_checkpointing: bool = False
+
+
+PARTS = (tr.Part("image_tower", ("image_tower",), target="module"),
+         tr.Part("text_tower", ("text_tower",), target="module"),
+         tr.Part("heads", ("image_proj", "text_proj")),
+         tr.Part("logit_scale", ("logit_scale", "logit_bias")))
 
 
 def _head(kind: str, d_in: int, d_out: int, bias: bool) -> nn.Module:
@@ -134,11 +150,7 @@ class DualEncoder(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         if config.grad_checkpointing:
             self.set_grad_checkpointing(True)
-        if config.lock_image:
-            image_tower.lock(config.lock_image_unlocked_groups, config.lock_image_freeze_bn_stats)
-        if config.lock_text:
-            text_tower.lock(config.lock_text_unlocked_groups)
-        self.freeze(config.frozen)
+        self.modes = tr.apply(self, PARTS, config)  # part -> mode words, e.g. {"image_tower": ("lora",)}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -157,44 +169,15 @@ class DualEncoder(nn.Module):
     def tokenizer(self):
         return self.text_tower.tokenizer
 
-    def freeze(self, patterns: list[str] | tuple[str, ...]) -> list[str]:
-        """``requires_grad=False`` for parameters whose name matches an fnmatch pattern; returns them.
-        A pattern matching nothing is a ConfigError (a typo must not silently train everything)."""
-        names = [n for n, _ in self.named_parameters()]
-        out = []
-        for pat in patterns:
-            hit = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-            if not hit:
-                tops = sorted({".".join(n.split(".")[:2]) for n in names})
-                raise ConfigError(f"frozen pattern {pat!r} matches no parameter; names start with "
-                                  f"{', '.join(tops[:12])}{' ...' if len(tops) > 12 else ''}")
-            out += hit
-        params = dict(self.named_parameters())
-        for n in out:
-            params[n].requires_grad_(False)
-        return out
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.image_tower.set_grad_checkpointing(enable)
         self.text_tower.set_grad_checkpointing(enable)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for t in (self.image_tower, self.text_tower):
-            if mode and not _trainable(t):
-                t.eval()
+        if mode:
+            tr.keep_frozen_in_eval(self, PARTS)
         return self
-
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by part: ``image_tower``, ``text_tower``, ``heads``, ``logit`` (for
-        per-part learning rates)."""
-        parts: dict[str, list[nn.Parameter]] = {"image_tower": [], "text_tower": [], "heads": [], "logit": []}
-        for n, p in self.named_parameters():
-            if p.requires_grad:
-                top = n.split(".")[0]
-                key = top if top in parts else "heads" if top in ("image_proj", "text_proj") else "logit"
-                parts[key].append(p)
-        return parts
 
     # ------------------------------------------------------------------ forward
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True, *,
@@ -242,27 +225,33 @@ class DualEncoder(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ tower sub-folders for hf towers) to ``out_dir``."""
+        """Write ``config.json`` + ``model.safetensors`` (LoRA merged) to ``out_dir``, plus tower sub-folders
+        for hf towers and ``adapter/<part>/lora/`` (peft format) for LoRA towers."""
         from safetensors.torch import save_model
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         cfg = replace(self.config)
-        cfg.image_tower, cfg.image_tower_cfg = _export_spec(self.image_tower, self.config.image_tower,
-                                                            self.config.image_tower_cfg, out, "image_tower")
-        cfg.text_tower, cfg.text_tower_cfg = _export_spec(self.text_tower, self.config.text_tower,
-                                                          self.config.text_tower_cfg, out, "text_tower")
+        for part in ("image_tower", "text_tower"):
+            for adapter in tr.adapters_for(self.modes[part], self.config):
+                adapter.save(getattr(self, part), out / "adapter" / part / adapter.mode)
+        tmp = out / "model.safetensors.tmp"
+        with plain_layers(self):
+            cfg.image_tower, cfg.image_tower_cfg = _export_spec(self.image_tower, self.config.image_tower,
+                                                                self.config.image_tower_cfg, out, "image_tower")
+            cfg.text_tower, cfg.text_tower_cfg = _export_spec(self.text_tower, self.config.text_tower,
+                                                              self.config.text_tower_cfg, out, "text_tower")
+            save_model(self, str(tmp), metadata={"format": "pt"})
         meta = {"format": FORMAT, "version": 1, "config": to_dict(cfg),
                 "source": {"image_tower": self.config.image_tower, "text_tower": self.config.text_tower}}
-        tmp = out / "model.safetensors.tmp"
-        save_model(self, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, out / "model.safetensors")
         _write_atomic(out / "config.json", json.dumps(meta, indent=2, ensure_ascii=False))
         return out
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu") -> "DualEncoder":
-        """Rebuild from ``save_pretrained`` output (no network) and load its weights strictly."""
+        """Rebuild from ``save_pretrained`` output (no network) and load its weights strictly (LoRA towers:
+        the merged weights become the base, the LoRA starts at B = 0)."""
         from safetensors.torch import load_model
 
         d = Path(path)
@@ -277,7 +266,9 @@ class DualEncoder(nn.Module):
         cfg.text_tower = _resolve_local(cfg.text_tower, d)
         cfg.logit_from_pretrained = False
         model = cls.from_config(cfg)
-        missing, unexpected = load_model(model, str(d / "model.safetensors"), strict=False, device=map_location)
+        with plain_layers(model, merged=False):
+            missing, unexpected = load_model(model, str(d / "model.safetensors"), strict=False, device=map_location)
+        zero_lora(model)
         if missing or unexpected:
             raise UserError(f"{d / 'model.safetensors'} does not match the architecture in config.json: "
                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
@@ -299,7 +290,8 @@ class DualEncoder(nn.Module):
         if not (isinstance(self.image_proj, nn.Identity) and isinstance(self.text_proj, nn.Identity)):
             raise UserError("export_open_clip: this model has projection heads open_clip cannot hold; train with "
                             "proj='auto' (no heads for two open_clip towers of one architecture)")
-        sd = {**it.open_clip_state_dict(), **tt.open_clip_state_dict(), "logit_scale": self.logit_scale}
+        with plain_layers(self):  # LoRA towers export merged
+            sd = {**it.open_clip_state_dict(), **tt.open_clip_state_dict(), "logit_scale": self.logit_scale}
         model_cfg = json.loads(json.dumps(it.open_clip_model_cfg)) if it.open_clip_model_cfg else None
         if self.logit_bias is not None:
             sd["logit_bias"] = self.logit_bias
@@ -329,8 +321,7 @@ class DualEncoder(nn.Module):
         return p
 
 
-def _trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
+_trainable = tr.trains  # a tower with nothing to train runs under no_grad
 
 
 def _export_spec(tower, spec: str, cfg: dict, out: Path, subdir: str) -> tuple[str, dict]:

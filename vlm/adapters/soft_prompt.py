@@ -1,11 +1,14 @@
 """Soft prompts (prompt tuning, Lester et al. 2021) through peft.
 
     adapter = registry.build("adapter", "prompt_tuning", num_virtual_tokens=8)   # or "prompt_tuning:8"
-    peft_model = adapter.apply(llm.model)        # peft.get_peft_model with a PromptTuningConfig
+    peft_model = adapter.apply(llm.model, "llm")   # peft.get_peft_model with a PromptTuningConfig
 
 ``num_virtual_tokens`` learned vectors are put in front of the (encoder) input; only they train. The save
 format is peft's (``adapter_config.json`` + ``adapter_model.safetensors``), loadable with
-``PeftModel.from_pretrained``.
+``PeftModel.from_pretrained``. The soft prompt *wraps* the LLM (a peft prompt-learning ``PeftModel``, mode
+``prompt``); LoRA layers injected into the LLM before (mode ``lora+prompt``) stay inside it and keep
+training: peft cannot hold both in one adapter, so LoRA lives in the base model's layers and the prompt in
+the wrapper, each saved in its own peft folder.
 
 With ``inputs_embeds`` (the vision-LLM always passes them, since image rows are scattered into the
 embeddings): peft's ``forward`` handles them for causal and seq2seq models (it prepends the prompt to the
@@ -21,14 +24,17 @@ length; peft loads the tokenizer from ``tokenizer_path``, or from the model's ``
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from vlm.adapters.lora import _check_plain, task_type_of
+from vlm.adapters.lora import task_type_of
 from vlm.errors import UserError
 from vlm.registry import register, register_family
 
@@ -36,6 +42,10 @@ from vlm.registry import register, register_family
 @dataclass
 class PromptTuningAdapter:
     """Prompt-tuning settings (peft ``PromptTuningConfig``)."""
+
+    mode: ClassVar[str] = "prompt"
+    targets: ClassVar[tuple[str, ...]] = ("llm",)
+    wraps: ClassVar[bool] = True
 
     num_virtual_tokens: int = 8
     init: Literal["random", "sample_vocab", "text"] = "random"
@@ -61,12 +71,45 @@ class PromptTuningAdapter:
         return PromptTuningConfig(task_type=task_type_of(model), num_virtual_tokens=self.num_virtual_tokens,
                                   prompt_tuning_init=init[self.init], **kw)
 
-    def apply(self, model: nn.Module):
-        """Wrap ``model`` (transformers LM) in a peft prompt-tuning model; only the prompt trains."""
+    def apply(self, model: nn.Module, target: str = "llm") -> nn.Module:
+        """Wrap ``model`` (transformers LM, possibly carrying injected LoRA layers) in a peft
+        prompt-tuning model; only the prompt trains (the caller re-enables other adapters it keeps)."""
+        if hasattr(model, "get_base_model"):
+            raise UserError(f"{type(model).__name__} is already a peft model; one soft prompt per LLM")
+        if not hasattr(model, "config"):
+            raise UserError(f"prompt tuning applies to a transformers model, got {type(model).__name__}")
         from peft import get_peft_model
 
-        _check_plain(model)
-        return get_peft_model(model, self.peft_config(model))
+        with _quiet():
+            return get_peft_model(model, self.peft_config(model))
+
+    @staticmethod
+    def owns(param_name: str) -> bool:
+        return "prompt_encoder" in param_name
+
+    def save(self, model: nn.Module, path) -> Path:
+        """Write the soft prompt of ``model`` (the peft wrapper) in peft's format to ``path``."""
+        model.save_pretrained(str(path))
+        return Path(path)
+
+    @staticmethod
+    def load(model: nn.Module, path, target: str = "llm") -> nn.Module:
+        """Wrap ``model`` in the soft prompt saved at ``path``; returns the peft wrapper. (peft refuses to
+        load a prompt as trainable; :func:`vlm.trainable.mark_adapters_trainable` re-enables it.)"""
+        from peft import PeftModel
+
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise UserError(f"{path} holds no peft adapter (adapter_config.json missing)")
+        with _quiet():
+            return PeftModel.from_pretrained(model, str(path))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """peft warns when the model it wraps carries injected LoRA layers (its ``peft_config``): intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*modify a model with PEFT for a second time.*")
+        yield
 
 
 def is_prompt_learning(model: nn.Module) -> bool:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vlm import registry
+from vlm import trainable as tr
 from vlm.adapters.lora import LoraAdapter, merge_lora
 from vlm.adapters.soft_prompt import PromptTuningAdapter, is_prompt_learning, prepend_soft_prompt
 from vlm.config import ConfigError
@@ -20,13 +21,17 @@ from vlm.vision_llm.loss import token_loss
 from vlm.vision_llm.prompts import make_prompt
 from vlm.vision_llm.tokenize import PromptBuilder
 
-_TRAINABLE = {"tower": ("frozen", "full"), "projector": ("frozen", "full"),
-              "llm": ("frozen", "full", "lora", "prompt")}
+# The parts of ``trainable`` (vlm.trainable): tower frozen|full, projector frozen|full, llm frozen|full|lora|
+# prompt|lora+prompt. The tower takes no LoRA here: encode_images runs it with gradients only in mode full.
+PARTS = (tr.Part("tower", ("tower",), default="frozen"),
+         tr.Part("projector", ("projector",), default="full"),
+         tr.Part("llm", ("llm.model",), default="lora", target="llm"))
 
 
 @dataclass
-class VisionLLMConfig:
-    """A vision-LLM: three specs with their options, which parts train, adapters and prompts."""
+class VisionLLMConfig(tr.TrainableConfig):
+    """A vision-LLM: three specs with their options, which parts train (``trainable`` / ``unlocked_groups``
+    / ``freeze_bn_stats`` / ``frozen`` from :class:`~vlm.trainable.TrainableConfig`), adapters and prompts."""
 
     tower: str = "tiny:vit"
     tower_cfg: dict[str, Any] = field(default_factory=dict)
@@ -36,11 +41,8 @@ class VisionLLMConfig:
     llm_cfg: dict[str, Any] = field(default_factory=dict)
     num_image_tokens: int | None = None
     """None: what the projector makes of the tower's tokens; a number is checked against that."""
-    trainable: dict[str, str] = field(default_factory=lambda: {"tower": "frozen", "projector": "full", "llm": "lora"})
-    lora: LoraAdapter = field(default_factory=LoraAdapter)
-    prompt_tuning: PromptTuningAdapter = field(default_factory=PromptTuningAdapter)
-    lr: dict[str, float] = field(default_factory=dict)
-    """Per-part learning rates (tower, projector, llm); a missing part uses the optimizer's base lr."""
+    lora: LoraAdapter = field(default_factory=LoraAdapter)  # for llm in mode lora / lora+prompt
+    prompt_tuning: PromptTuningAdapter = field(default_factory=PromptTuningAdapter)  # mode prompt
     lang_control: Literal["token", "instruction", "both"] = "instruction"
     default_lang: str = "en"
     prompts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
@@ -57,18 +59,11 @@ class VisionLLMConfig:
         from vlm.vision_llm.prompts import check_prompts
 
         check_prompts(self.prompts)
-        bad = [k for k in self.trainable if k not in _TRAINABLE]
-        if bad:
-            raise ConfigError(f"trainable has unknown part(s) {bad}; parts are {list(_TRAINABLE)}")
-        for part, mode in self.trainable.items():
-            if mode not in _TRAINABLE[part]:
-                raise ConfigError(f"trainable.{part}={mode!r}; choose one of {list(_TRAINABLE[part])}")
-        bad = [k for k in self.lr if k not in _TRAINABLE]
-        if bad:
-            raise ConfigError(f"lr has unknown part(s) {bad}; parts are {list(_TRAINABLE)}")
+        tr.resolve(PARTS, self)  # parts and modes of trainable / unlocked_groups (ConfigError)
 
     def mode(self, part: str) -> str:
-        return self.trainable.get(part, "full" if part == "projector" else "frozen")
+        """The mode of ``part`` as configured (defaults filled in): ``"frozen"``, ``"lora+prompt"``, ..."""
+        return "+".join(tr.resolve(PARTS, self)[part])
 
 
 
@@ -94,47 +89,20 @@ class VisionLLM(nn.Module):
         self.image_preprocess = self.tower.preprocess
         self.prompt_builder = PromptBuilder(self.llm.tokenizer, self.num_image_tokens, self.llm.is_encoder_decoder,
                                             config.lang_control, config.max_target_length)
-        self._llm_state = "base"  # base | adapter | merged
-        self._apply_trainable()
+        self.modes = tr.apply(self, PARTS, config)  # part -> mode words; LLM adapters are in place now
+        self._llm_state = "adapter" if self.llm_adapters() else "base"  # base | adapter | merged
+        self.train(self.training)
 
     # -- which parts train -----------------------------------------------------------------------------
-    def _apply_trainable(self) -> None:
-        for part in ("tower", "projector"):
-            getattr(self, part).requires_grad_(self.config.mode(part) == "full")
-        mode = self.config.mode("llm")
-        self.llm.model.requires_grad_(mode == "full")
-        if mode in ("lora", "prompt") and self._llm_state == "base":
-            adapter = self.config.lora if mode == "lora" else self.config.prompt_tuning
-            self.llm.model = adapter.apply(self.llm.model)  # peft freezes the base weights
-            self._llm_state = "adapter"
-        self.train(self.training)
+    def llm_adapters(self) -> list:
+        """The adapters the LLM's mode names (from the registry), in the order they were applied."""
+        return tr.adapters_for(self.modes["llm"], self.config)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for part in ("tower", "llm"):  # frozen parts stay in eval mode (no dropout, fixed norms)
-            if self.config.mode(part) == "frozen":
-                getattr(self, part).eval()
+        if mode:  # parts with nothing to train stay in eval mode (no dropout, fixed norms)
+            tr.keep_frozen_in_eval(self, PARTS)
         return self
-
-    def param_groups(self, base_lr: float, weight_decay: float = 0.0) -> list[dict]:
-        """Optimizer groups: per part (``config.lr[part]`` or ``base_lr``), split into decay / no decay
-        (biases, norms, embeddings, soft prompts and other 1-d tensors get no weight decay)."""
-        groups = []
-        for part in ("tower", "projector", "llm"):
-            decay, no_decay = [], []
-            for name, p in getattr(self, part).named_parameters():
-                if not p.requires_grad:
-                    continue
-                low = name.lower()
-                skip = p.ndim < 2 or any(k in low for k in ("norm", "bias", "embed", "prompt_encoder", "ln_"))
-                (no_decay if skip else decay).append(p)
-            lr = float(self.config.lr.get(part, base_lr))
-            for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, "/no_decay")):
-                if params:
-                    groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": part + suffix})
-        if not groups:
-            raise UserError("no parameter trains: set trainable.projector=full or trainable.llm=lora/full/prompt")
-        return groups
 
     # -- inputs ----------------------------------------------------------------------------------------
     def prepare_batch(self, batch: dict) -> dict:
@@ -277,11 +245,14 @@ class VisionLLM(nn.Module):
 
     # -- adapters --------------------------------------------------------------------------------------
     def merge_lora(self) -> "VisionLLM":
-        """Fold LoRA into the LLM weights for inference (the LLM becomes a plain transformers model)."""
-        if self._llm_state != "adapter" or self.config.mode("llm") != "lora":
-            raise UserError("merge_lora needs an LLM carrying a LoRA adapter (trainable.llm=lora)")
-        self.llm.model = merge_lora(self.llm.model)
-        self.llm.model.requires_grad_(False)
+        """Fold LoRA into the LLM weights for inference (a plain transformers model; a soft prompt, with
+        ``lora+prompt``, stays around it). The LLM's mode drops ``lora``."""
+        if "lora" not in self.modes["llm"]:
+            raise UserError("merge_lora needs an LLM carrying a LoRA adapter (trainable.llm=lora or lora+prompt)")
+        merge_lora(self.llm.model)
+        rest = tuple(w for w in self.modes["llm"] if w != "lora") or ("frozen",)
+        self.modes = {**self.modes, "llm": rest}
+        tr.mark_adapters_trainable(self.llm.model, self.llm_adapters())
         self._llm_state = "merged"
         return self
 
@@ -289,8 +260,9 @@ class VisionLLM(nn.Module):
     # -- save / load -----------------------------------------------------------------------------------
     def save_pretrained(self, path) -> Path:
         """Write ``config.json``, ``projector.safetensors``, ``tower.safetensors`` (unless frozen and not
-        ``save_frozen_tower``) and the LLM: ``adapter/`` (peft format) or ``llm/`` (full weights). Parts not
-        saved get a fingerprint, checked when :meth:`from_pretrained` rebuilds them. Returns the directory."""
+        ``save_frozen_tower``) and the LLM: ``adapter/llm/<mode>/`` per adapter (peft format) and/or ``llm/``
+        (full weights: trained in full, or LoRA merged). Parts not saved get a fingerprint, checked when
+        :meth:`from_pretrained` rebuilds them. Returns the directory."""
         from vlm.vision_llm.saving import save_vision_llm
 
         return save_vision_llm(self, path)

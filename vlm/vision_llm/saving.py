@@ -1,9 +1,13 @@
 """Saving and loading a vision-LLM directory (format ``vlm.vision_llm/1``).
 
 ``config.json`` (format, the model config, what was saved, fingerprints), ``projector.safetensors``,
-``tower.safetensors`` (unless the tower is frozen and ``save_frozen_tower`` is off), the LLM adapter in
-peft's own format under ``adapter/`` (a user can load it with ``PeftModel.from_pretrained``), or the full
-LLM under ``llm/`` (trained in full, or LoRA merged). Frozen parts are rebuilt from their spec; a
+``tower.safetensors`` (unless the tower is frozen and ``save_frozen_tower`` is off), each LLM adapter in
+peft's own format under ``adapter/llm/<mode>/`` (``adapter/llm/lora/``, ``adapter/llm/prompt/``; with
+``lora+prompt`` both: the LoRA layers live in the base LLM, the soft prompt wraps it), and/or the full
+LLM under ``llm/`` (trained in full, or LoRA merged). A user of plain peft loads ``adapter/llm/lora`` with
+``PeftModel.from_pretrained(base, dir)``; for ``lora+prompt`` the LoRA goes in first
+(``inject_adapter_in_model`` + its weights), then the prompt (``PeftModel.from_pretrained``), as
+:func:`load_vision_llm` does. Frozen parts are rebuilt from their spec; a
 fingerprint (evenly spaced weight values) saved in ``config.json`` catches a spec that no longer gives the
 weights the model was trained with.
 """
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 from vlm import registry
+from vlm import trainable as tr
 from vlm.config import from_dict, to_dict
 from vlm.errors import UserError
 from vlm.llms.hf import load_hf_llm
@@ -45,13 +50,13 @@ def save_vision_llm(model, path) -> Path:
     cfg = to_dict(model.config)
     tower_saved = model.config.mode("tower") == "full" or model.config.save_frozen_tower
     llm_weights = None
-    if model._llm_state == "adapter":
-        model.llm.model.save_pretrained(p / "adapter")
-    elif model._llm_state == "merged" or model.config.mode("llm") == "full":
+    adapters = model.llm_adapters()
+    for a in adapters:  # in-place ones (LoRA) first: they live in the base the prompt wraps
+        a.save(model.llm.base_model if not a.wraps else model.llm.model, p / "adapter" / "llm" / a.mode)
+    if model._llm_state == "merged" or model.modes["llm"] == ("full",):
         model.llm.save_pretrained(p / "llm")
         llm_weights = "llm"
-        if model._llm_state == "merged":
-            cfg["trainable"]["llm"] = "frozen"
+    cfg["trainable"] = {**cfg["trainable"], "llm": "+".join(model.modes["llm"])}  # merged: lora is gone
     save_model(model.projector, str(p / "projector.safetensors"))
     if tower_saved:
         save_model(model.tower, str(p / "tower.safetensors"))
@@ -93,16 +98,22 @@ def load_vision_llm(model_cls, path, *, dtype: str | None = None, trainable: boo
     else:
         _check_fingerprint("tower", config.tower, tower, meta["fingerprints"]["tower"])
     mode = config.mode("llm")
-    config.trainable = {**config.trainable, "llm": "frozen" if mode in ("lora", "prompt") else mode}
+    adapted = mode not in ("frozen", "full")
+    config.trainable = {**config.trainable, "llm": "frozen" if adapted else mode}
     model = model_cls(config, tower=tower, llm=llm)  # adapters are loaded below, not created fresh
     load_model(model.projector, str(p / "projector.safetensors"))
-    if mode in ("lora", "prompt"):
-        from peft import PeftModel
-
-        if not (p / "adapter" / "adapter_config.json").is_file():
-            raise UserError(f"{p} was trained with llm={mode} but has no adapter/adapter_config.json")
-        model.llm.model = PeftModel.from_pretrained(model.llm.model, str(p / "adapter"), is_trainable=trainable)
-        model.config.trainable["llm"] = mode
+    if adapted:
+        config.trainable["llm"] = mode
+        model.modes = {**model.modes, "llm": tuple(mode.split("+"))}
+        adapters = model.llm_adapters()
+        module = model.llm.model
+        for a in adapters:
+            d = p / "adapter" / "llm" / a.mode
+            if not (d / "adapter_config.json").is_file():
+                raise UserError(f"{p} was trained with llm={mode} but has no {d.relative_to(p)}/adapter_config.json")
+            module = a.load(module, d, "llm")
+        model.llm.model = module
+        tr.mark_adapters_trainable(module, adapters)
         model._llm_state = "adapter"
     if not trainable:
         model.requires_grad_(False)
