@@ -23,16 +23,19 @@ language from a small template table (:data:`CAPTION_TEMPLATES`, :data:`VQA_TEMP
 language in the config, English fallback naming the language); ``"both"`` does both. Generation uses the
 same templates as a training batch without ``prompt`` strings, so the two cannot drift apart.
 
-Which parts train is configuration: ``trainable = {tower: frozen|full, projector: frozen|full,
-llm: frozen|full|lora|prompt}``; LoRA and prompt tuning go through peft (``vlm.adapters``).
-``param_groups(base_lr, weight_decay)`` gives one optimizer group per part (its own ``lr`` from
-``config.lr``) with no decay on biases, norms, embeddings and soft prompts.
+Which parts train is configuration, in the one vocabulary of :mod:`vlm.trainable`: ``trainable = {tower:
+frozen|full, projector: frozen|full, llm: frozen|full|lora|prompt|lora+prompt}`` (defaults frozen, full,
+lora), plus ``unlocked_groups``, ``freeze_bn_stats`` and ``frozen`` patterns; LoRA (injected into the LLM's
+layers) and the soft prompt (a peft wrapper around it) go through peft (``vlm.adapters``), with their
+settings in ``lora`` and ``prompt_tuning``. Per-part learning rates are the optimizer's (``optim.part_lr``
+over module paths: ``tower``, ``projector``, ``llm``).
 
 Saving (``save_pretrained(dir)``): ``config.json``, ``projector.safetensors``, ``tower.safetensors`` (unless
-the tower is frozen and ``save_frozen_tower`` is off), the LLM adapter in peft's own format under ``adapter/``
-(a user can load it with ``PeftModel.from_pretrained``), or the full LLM under ``llm/`` (trained in full, or LoRA merged). Frozen
-parts are rebuilt from their spec; a fingerprint (sum and sum of squares of the weights) saved in
-``config.json`` catches a spec that no longer gives the weights the model was trained with.
+the tower is frozen and ``save_frozen_tower`` is off), each LLM adapter in peft's own format under
+``adapter/llm/<mode>/`` (``lora``, ``prompt``; a user loads a single one with ``PeftModel.from_pretrained``),
+and/or the full LLM under ``llm/`` (trained in full, or LoRA merged). Frozen parts are rebuilt from their
+spec; a fingerprint (evenly spaced weight values) saved in ``config.json`` catches a spec that no longer
+gives the weights the model was trained with.
 
 Files: ``model.py`` (:class:`VisionLLM`, :class:`VisionLLMConfig`), ``prompts.py`` (instruction templates,
 the one place a prompt is decided), ``tokenize.py`` (:class:`PromptBuilder`), ``loss.py``
