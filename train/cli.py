@@ -24,6 +24,7 @@ from pathlib import Path
 RECIPES = {
     "pretrain": "vlm.train.pretrain",  # contrastive pretraining of a dual encoder
     "finetune": "vlm.train.finetune",  # vision-LLM fine-tuning
+    "qformer": "vlm.train.qformer",  # BLIP-2 stage 1: Q-Former pretraining (ITC + ITM + ITG)
 }
 
 

@@ -447,12 +447,14 @@ def export_final(run: Run, rebuild: Callable[[], nn.Module], write: Callable[[nn
 
 def next_or_new_epoch(stream, it, what: str, env: DistEnv):
     """``(batch, iterator)``: the next batch of ``stream``; at the end of this rank's pass the stream starts
-    its next epoch (ranks may roll over at different steps; no rank waits). An empty pass is an error."""
+    its next epoch (ranks may roll over at different steps; no rank waits). An empty pass is an error.
+    The iterator is created outside the training RNG stream, so a resumed run draws the same dropout masks
+    and samples as an uninterrupted one whatever the step its loader was (re)created at."""
     for attempt in range(2):
-        if it is None:
-            it = iter(stream)
-        try:
-            return next(it), it
+        try:  # a DataLoader draws its base seed from the global RNG when it starts: keep the training stream
+            with torch.random.fork_rng(devices=[]):  # (dropout, sampling) independent of when loaders start
+                it = iter(stream) if it is None else it
+                return next(it), it
         except StopIteration:
             it = None
             if attempt == 0:

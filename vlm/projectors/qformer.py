@@ -477,12 +477,18 @@ def qformer_config_from_name(name: str, in_dim: int, **cfg) -> QFormerConfig:
     return QFormerConfig(**kw)
 
 
-@register_family("projector", "qformer", examples=("qformer:q32-l2", "qformer:base", "qformer:hf:/dir"),
+@register_family("projector", "qformer", examples=("qformer:q32-l2", "qformer:base", "qformer:hf:/dir",
+                                                   "qformer:vlm:runs/qformer/final"),
                  help="BLIP-2 Q-Former + language projection (HF-compatible names)")
 def build_qformer(name: str, in_dim: int, out_dim: int, frozen: Iterable[str] = (), **cfg) -> QFormerProjector:
-    """``qformer:<sizes>`` / ``qformer:base`` / ``qformer:hf:<dir>`` -> QFormerProjector(in_dim -> out_dim)."""
+    """``qformer:<sizes>`` / ``qformer:base`` / ``qformer:hf:<dir>`` / ``qformer:vlm:<stage-1 dir>`` ->
+    QFormerProjector(in_dim -> out_dim)."""
     if name.startswith("hf:"):
         proj = QFormerProjector.from_hf_pretrained(name[3:], in_dim=in_dim, out_dim=out_dim, **cfg)
+    elif name.startswith("vlm:"):  # a Q-Former pretrained by `vlm train` (task: qformer, BLIP-2 stage 1)
+        from vlm.projectors.qformer_pretrain import load_stage1_projector
+
+        proj = load_stage1_projector(name[4:], in_dim=in_dim, out_dim=out_dim, **cfg)
     else:
         proj = QFormerProjector(qformer_config_from_name(name, in_dim, **cfg), out_dim)
     if frozen:

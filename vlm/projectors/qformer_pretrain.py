@@ -302,3 +302,44 @@ def load_bert_into_qformer(projector: QFormerProjector, sd: dict[str, torch.Tens
                 _copy_rows(projector.get_parameter(name), sd[k], name)
                 names.append(name)
     return names
+
+
+STAGE1_FORMAT = "vlm.qformer_stage1/1"
+
+
+def load_stage1_projector(path: str | os.PathLike, *, in_dim: int, out_dim: int, **cfg) -> QFormerProjector:
+    """The Q-Former of a stage-1 run directory (``vlm train`` with ``task: qformer`` writes
+    ``run_dir/final/{config.json, projector.safetensors}``) as a stage-2 projector ``in_dim -> out_dim``:
+    queries, cross-attention and the query FFN are loaded; the text branch (only stage 1 uses it) is left
+    out; the language projection is loaded when its width fits ``out_dim``, else freshly initialised (the
+    stage-2 LLM's width, as mBLIP re-initialises BLIP-2's). ``cfg`` overrides Q-Former options (e.g.
+    dropout). A tower width other than the stage-1 tower's is an error."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import load_file
+
+    from vlm.projectors.qformer import QFormerConfig
+
+    d = Path(path).expanduser()
+    meta_path = d / "config.json"
+    if not meta_path.is_file() or not (d / "projector.safetensors").is_file():
+        raise UserError(f"qformer:vlm:{d}: not a stage-1 Q-Former directory (expected config.json and "
+                        f"projector.safetensors written by vlm train with task: qformer)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != STAGE1_FORMAT:
+        raise UserError(f"{meta_path} is not a stage-1 Q-Former (format {meta.get('format')!r})")
+    qc = {**meta["qformer"], **cfg, "text_input": False}
+    if int(qc["encoder_hidden_size"]) != int(in_dim):
+        raise UserError(f"qformer:vlm:{d} was trained on a tower of width {qc['encoder_hidden_size']}, this tower "
+                        f"has width {in_dim}: use the stage-1 tower (its spec is in {meta_path})")
+    valid = {f.name for f in dataclasses.fields(QFormerConfig)}
+    proj = QFormerProjector(QFormerConfig(**{k: v for k, v in qc.items() if k in valid}), out_dim)
+    sd = load_file(str(d / "projector.safetensors"))
+    own = proj.state_dict()
+    keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    missing, _ = proj.load_state_dict(keep, strict=False)
+    bad = [k for k in missing if not k.startswith("language_projection.")]
+    if bad:
+        raise UserError(f"qformer:vlm:{d}: projector.safetensors lacks {bad[:5]}; re-export it with vlm train")
+    return proj
