@@ -47,9 +47,11 @@ def test_decoupled_run_on_multilingual_captions(tmp_path):
     demo = build_demo(tmp_path / "demo", train=96, val=16, size=32, train_shards=2, val_shards=1)
     cfg = load_config(pretrain.PretrainConfig, CONFIG, _overrides(demo, tmp_path / "run", **{
         "loss.name": "decoupled", "data.captions_per_image": 3, "optim.accum_steps": 2, "train.steps": 4,
-        "train.ckpt_every": 0}))
+        "train.ckpt_every": 0, "val_data": "{shards: '%s', batch_size: 8, num_workers: 0}" % demo.val_spec}))
     out = pretrain.run(cfg)
-    assert out["step"] == 4 and out["final_dir"]
+    # val_data without captions_per_image: validated before the first step, and its final validation runs
+    # (it used to crash there, after the whole run, for want of text_to_image)
+    assert out["step"] == 4 and out["final_dir"] and out["val_loss"] == out["val_loss"]
     # the wrong pairing is refused before training starts
     bad = load_config(pretrain.PretrainConfig, CONFIG, _overrides(demo, tmp_path / "run2", **{
         "loss.name": "clip", "data.captions_per_image": 2}))

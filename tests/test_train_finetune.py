@@ -51,7 +51,7 @@ def make_cfg(demo, run_dir, **extra):
           "model.lora.r": 4, "model.max_target_length": 48, "train.steps": 8, "train.threads": 1,
           "train.log_every": 1, "train.ckpt_every": 0, "train.run_dir": str(run_dir), "train.resume": "null",
           "train.dist": "none", "train.device": "cpu", "train.progress": "false", "train.tensorboard": "false",
-          "optim.warmup_steps": 1, "optim.lr": 3e-3, "model.lr": "{projector: 3.0e-3, llm: 3.0e-3}",
+          "optim.warmup_steps": 1, "optim.lr": 3e-3, "optim.part_lr": "{projector: 3.0e-3, llm: 3.0e-3}",
           "val_batches": 1, "mix.languages": "[en, de, zh, ru]"}
     ov.update(extra)
     return load_config(finetune.FinetuneConfig, CONFIG, [f"{k}={v}" for k, v in ov.items()])
@@ -123,23 +123,26 @@ def test_caption_vqa_task_mix(demo, tmp_path):
     torch.manual_seed(5)
     de_dir = DualEncoder.from_config(DualEncoderConfig()).save_pretrained(tmp_path / "dual")  # tiny:vit + tiny:text
     vqa = write_vqa_shards(tmp_path / "vqa")
-    cfg = make_cfg(demo, tmp_path / "run", **{"init_tower": str(de_dir),
+    cfg = make_cfg(demo, tmp_path / "run", **{"model.tower": f"vlm:{de_dir}",
         "train.steps": 4, "optim.accum_steps": 2, "tasks": "{caption: 1.0, vqa: 1.0}",
         "vqa_data": f"{{shards: {vqa}, batch_size: 4, shuffle_buffer: 8}}", "val_data": "null",
-        "prompts": "{vqa: {de: ['Frage: {question} Antwort:'], '*': ['Q: {question} A ({lang_name}):']}}"})
+        "model.prompts": "{vqa: {de: ['Frage: {question} Antwort:'], '*': ['Q: {question} A ({lang_name}):']}}"})
     out = finetune.run(cfg)
     tasks = {}
     for r in _losses(tmp_path / "run"):
-        for t, n in (r.get("tasks") or {}).items():
+        for t, n in (r.get("counts") or {}).items():
             tasks[t] = tasks.get(t, 0) + n
     assert tasks.get("caption", 0) > 0 and tasks.get("vqa", 0) > 0 and sum(tasks.values()) == 8
     assert out["final_dir"] and out["loss"] == out["loss"]
     m = VisionLLM.from_pretrained(out["final_dir"])
     de = DualEncoder.from_pretrained(de_dir)
     assert all(torch.equal(a, b) for a, b in zip(m.tower.state_dict().values(), de.image_tower.state_dict().values()))
-    assert finetune.vqa_prompt(m, cfg.prompts["vqa"], "de", "Was?", "k", 0) == "Frage: Was? Antwort:"
-    assert finetune.vqa_prompt(m, cfg.prompts["vqa"], "fr", "Quoi ?", "k", 0) == "Q: Quoi ? A (French):"
-    assert finetune.vqa_prompt(m, None, "de", "Was?", "k", 0) == m.make_prompt("vqa", "de", "Was?")
+    # the saved model carries its prompts: generation and the training collate decide them in one place
+    assert m.make_prompt("vqa", "de", "Was?") == "Frage: Was? Antwort:"
+    assert m.make_prompt("vqa", "fr", "Quoi ?") == "Q: Quoi ? A (French):"
+    sample = {"pixels": torch.zeros(3, 32, 32, dtype=torch.uint8), "lang": "fr", "key": "k", "target": "rouge",
+              "question": "Quoi ?"}
+    assert m.collate("vqa")([sample])["prompt"] == ["Q: Quoi ? A (French):"]
 
 
 def test_config_errors_and_mix(demo, tmp_path):
@@ -148,7 +151,11 @@ def test_config_errors_and_mix(demo, tmp_path):
     with pytest.raises(UserError, match="unknown task"):
         finetune.check_config(make_cfg(demo, tmp_path, tasks="{captioning: 1}"))
     with pytest.raises(UserError, match="question"):
-        finetune.check_config(make_cfg(demo, tmp_path, prompts="{vqa: {en: ['Answer:']}}"))
+        finetune.check_config(make_cfg(demo, tmp_path, **{"model.prompts": "{vqa: {en: ['Answer:']}}"}))
+    with pytest.raises(UserError, match="val_data.captions_per_image"):  # checked before training starts
+        finetune.check_config(make_cfg(demo, tmp_path, **{"val_data.captions_per_image": 2}))
+    with pytest.raises(UserError, match="optim.part_lr prefix 'projektor'"):  # a typo is not silently ignored
+        finetune.run(make_cfg(demo, tmp_path / "typo", **{"optim.part_lr": "{projektor: 1.0e-3}"}))
     cfg = make_cfg(demo, tmp_path, **{"mix.en_share": 0.5})
     finetune.apply_mix(cfg)
     assert cfg.data.lang_weights["en"] == pytest.approx(0.5)
@@ -249,3 +256,13 @@ def test_ddp_token_normalisation_matches_single_process(tmp_path):
     r = json.loads(out.read_text())
     assert r["tokens"][0] == r["tokens"][1]
     assert abs(r["ddp"] - r["single"]) < 1e-5 and r["diff"] < 1e-6, r
+
+
+def test_precision_auto_is_resolved(demo, tmp_path):
+    """A config that leaves train.precision at its default (auto) trains: the one setup resolves it."""
+    import yaml
+
+    out = finetune.run(make_cfg(demo, tmp_path / "auto", **{"train.precision": "auto", "train.steps": 1,
+                                                            "val_data": "null"}))
+    saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
+    assert out["step"] == 1 and saved["train"]["precision"] in ("bf16", "fp32")

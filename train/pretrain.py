@@ -114,16 +114,21 @@ def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.T
             batch["attention_mask"].to(device, non_blocking=nb))
 
 
-def _loss_kw(batches: list[dict], device: torch.device) -> dict:
+def _loss_kw(batches: list[dict], device: torch.device, loss_fn=None) -> dict:
     """Extra loss inputs: ``text_to_image`` [T] when the data gives several captions per image
     (``data.captions_per_image > 1``, for ``loss.name: decoupled``), offset per micro-batch so it indexes
-    the concatenated image rows."""
-    if "text_to_image" not in batches[0]:
+    the concatenated image rows. The decoupled loss on one caption per image (e.g. a ``val_data`` without
+    ``captions_per_image``) gets ``arange`` (text i belongs to image i: then it equals InfoNCE)."""
+    from vlm.losses import DecoupledSoftmaxLoss
+
+    if "text_to_image" not in batches[0] and not isinstance(loss_fn, DecoupledSoftmaxLoss):
         return {}
     parts, offset = [], 0
     for b in batches:
-        parts.append(b["text_to_image"].to(device) + offset)
-        offset += b["pixels"].shape[0]
+        n = b["pixels"].shape[0]
+        t2i = b["text_to_image"] if "text_to_image" in b else torch.arange(n)
+        parts.append(t2i.to(device) + offset)
+        offset += n
     return {"text_to_image": torch.cat(parts)}
 
 
@@ -142,7 +147,7 @@ def contrastive_step(train_model, loss_fn, micro_batches: list[dict], *, env, pr
         with autocast(precision, dev):
             return _fp32(train_model(*_to_device(batch, dev)))
 
-    losses = grad_cache_step(forward, micro_batches, loss_fn, loss_kwargs=_loss_kw(micro_batches, dev),
+    losses = grad_cache_step(forward, micro_batches, loss_fn, loss_kwargs=_loss_kw(micro_batches, dev, loss_fn),
                              no_sync=lambda: no_sync(train_model, env, sync=False))
     return {**{k: float(v) for k, v in losses.items()}, "loss": float(total_loss(losses))}
 
@@ -156,7 +161,7 @@ def validation_loss(train_model, loss_fn, stream, *, env, precision: str, max_ba
             break
         with autocast(precision, env.device):
             out = _fp32(train_model(*_to_device(batch, env.device)))
-        tot += float(total_loss(loss_terms(loss_fn(out, **_loss_kw([batch], env.device)), out)))
+        tot += float(total_loss(loss_terms(loss_fn(out, **_loss_kw([batch], env.device, loss_fn)), out)))
         n += 1
     return global_mean(tot, n, env)
 
