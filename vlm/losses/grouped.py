@@ -119,8 +119,8 @@ def grad_cache_step(encode: Callable[[Any], Mapping[str, torch.Tensor]], micro_b
                          **dict(loss_kwargs or {}))
         total_loss(losses).backward()
 
-    sizes = [x.shape[0] for x in imgs]
-    g_img, g_txt = img.grad.split(sizes), txt.grad.split(sizes)
+    g_img = img.grad.split([x.shape[0] for x in imgs])
+    g_txt = txt.grad.split([x.shape[0] for x in txts])  # the decoupled loss: more texts than images
     for m, mb in enumerate(micro_batches):
         last = m == k - 1
         with (no_sync() if no_sync is not None and not last else nullcontext()):
