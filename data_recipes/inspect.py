@@ -36,7 +36,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vlm.errors import DataError
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
 MAX_TEXT_BYTES = 1 << 20  # a caption or metadata member larger than 1 MiB is not parsed (counted instead)

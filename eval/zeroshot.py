@@ -321,14 +321,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     Folder names map to class ids through ``class_map`` ({folder: id}) or, without one, by sorted order
     (0, 1, ...). Pixels come from the loader's own :func:`vlm.data.decode.decode_image` with the tower's
-    ``ImagePreprocess`` (size, resize_mode, interpolation, crop_pct; ``vlm.data.wds.decode_settings``), so
+    ``ImagePreprocess`` (size, resize_mode, interpolation, crop_pct; ``vlm.data.decode.decode_settings``), so
     a folder image gives exactly the pixels it gives inside a shard. An unreadable image is not raised:
     ``skipped`` names the reason and :func:`folder_batches` counts it."""
 
     EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
     def __init__(self, root: str, preprocess, class_map: dict[str, int] | None = None):
-        from vlm.data.wds import decode_settings
+        from vlm.data.decode import decode_settings
 
         if not os.path.isdir(root):
             raise DataError(f"image folder not found: {root}. Give a folder with one sub-folder per class.")

@@ -41,10 +41,11 @@ import torch
 from PIL import Image
 
 from vlm.data.langs import is_known, normalize_lang
+from vlm.errors import UserError
 from vlm.data.shards import (COMPRESSED_EXTS, IMAGE_EXTS, TEXT_EXTS, UNSAFE_EXTS, WANTED_EXTS,  # noqa: F401
                              expand_shards, open_shard, read_shards, tar_records)
 
-__all__ = ["REASONS", "SampleSkipped", "SkipStats", "decode_image", "decode_json", "decode_record",
+__all__ = ["REASONS", "SampleSkipped", "SkipStats", "decode_image", "decode_json", "decode_record", "decode_settings",
            "decode_text", "expand_shards", "open_shard", "parse_captions", "read_shards", "tar_records"]
 
 log = logging.getLogger("vlm.data")
@@ -190,6 +191,23 @@ def decode_image(data: bytes, size: int, *, resize_mode: str = "shortest", inter
         raise SampleSkipped("corrupt_image", f"decoded array shape {arr.shape}")
     x = torch.from_numpy(arr).permute(2, 0, 1)
     return _resize_crop(x, size, resize_mode, interpolation, crop_pct)
+
+
+def decode_settings(preprocess, *, max_pixels: int = 40_000_000, jpeg_draft: bool = True) -> dict:
+    """The :func:`decode_record` keywords (``image_size``, ``resize_mode``, ``interpolation``, ``crop_pct``,
+    limits) for a tower's :class:`~vlm.towers.base.ImagePreprocess`: the one image preprocessing, shared
+    by the loader and the evaluation folder reader. A bad setting is a UserError here, not in a worker."""
+    kw = dict(image_size=int(preprocess.image_size), resize_mode=getattr(preprocess, "resize_mode", "shortest"),
+              interpolation=getattr(preprocess, "interpolation", "bicubic"),
+              crop_pct=float(getattr(preprocess, "crop_pct", 1.0) or 1.0), max_pixels=max_pixels, jpeg_draft=jpeg_draft)
+    if kw["resize_mode"] not in ("shortest", "squash", "longest") or kw["interpolation"] not in ("bicubic",
+                                                                                                "bilinear"):
+        raise UserError(f"image preprocessing resize_mode={kw['resize_mode']!r} interpolation="
+                        f"{kw['interpolation']!r}: use resize_mode shortest|squash|longest and interpolation "
+                        "bicubic|bilinear")
+    if not 0 < kw["crop_pct"] <= 1:
+        raise UserError(f"image preprocessing crop_pct={kw['crop_pct']!r}: must be in (0, 1]")
+    return kw
 
 
 # -------------------------------------------------------------------------------------- text, json

@@ -68,7 +68,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm.data.collate import collate
-from vlm.data.decode import REASONS, SampleSkipped, SkipStats, expand_shards, open_shard, read_shards
+from vlm.data.decode import (REASONS, SampleSkipped, SkipStats, decode_settings, expand_shards, open_shard,
+                              read_shards)
 from vlm.data.langs import normalize_lang
 from vlm.data.prompts import LangPicker, stable_seed
 from vlm.data.tasks import TASKS, TaskStage
@@ -172,7 +173,7 @@ class _Plan:
         self.stage, self.rank, self.world_size, self.collate_fn = stage, rank, world_size, collate_fn
         self.urls = [u for urls, _, _ in sources for u in urls]
         self.default_lang = {u: dl for urls, _, dl in sources for u in urls}
-        self.decode_kw = decode_settings(preprocess, cfg)
+        self.decode_kw = decode_settings(preprocess, max_pixels=cfg.max_pixels, jpeg_draft=cfg.jpeg_draft)
 
     def collate(self, samples: list[dict]) -> dict:
         if self.collate_fn is None:
@@ -440,23 +441,6 @@ def _sources(cfg: DataConfig) -> list[tuple[list[str], float, Optional[str]]]:
     if not any(w > 0 for _, w, _ in out):
         raise UserError("all data source weights are 0")
     return out
-
-
-def decode_settings(preprocess, cfg: Optional[DataConfig] = None) -> dict:
-    """The :func:`vlm.data.decode.decode_image` / ``decode_record`` keywords for a tower's
-    :class:`~vlm.towers.base.ImagePreprocess` (size, resize mode, interpolation, crop_pct) and the data
-    limits of ``cfg``: the one image preprocessing, shared with the evaluation folder reader."""
-    cfg = cfg or DataConfig()
-    kw = dict(image_size=int(preprocess.image_size), resize_mode=getattr(preprocess, "resize_mode", "shortest"),
-              interpolation=getattr(preprocess, "interpolation", "bicubic"),
-              crop_pct=float(getattr(preprocess, "crop_pct", 1.0) or 1.0), max_pixels=cfg.max_pixels,
-              jpeg_draft=cfg.jpeg_draft)
-    if kw["resize_mode"] not in ("shortest", "squash", "longest") or kw["interpolation"] not in ("bicubic", "bilinear"):
-        raise UserError(f"image preprocessing resize_mode={kw['resize_mode']!r} interpolation={kw['interpolation']!r}: "
-                        "use resize_mode shortest|squash|longest and interpolation bicubic|bilinear")
-    if not 0 < kw["crop_pct"] <= 1:
-        raise UserError(f"image preprocessing crop_pct={kw['crop_pct']!r}: must be in (0, 1]")
-    return kw
 
 
 def make_loader(cfg: DataConfig, preprocess, tokenizer=None, *, rank: Optional[int] = None,
