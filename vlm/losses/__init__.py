@@ -48,13 +48,13 @@ and its gradient block by block in the forward pass, so no ``N x N`` tensor is k
 """
 from __future__ import annotations
 
-import torch
 
 from vlm.errors import UserError
 from vlm.losses.clip import ClipLoss
 from vlm.losses.decoupled import DecoupledSoftmaxLoss, build_positive_mask
 from vlm.losses.distributed import CommStats
-from vlm.losses.grouped import GroupedClipLoss, grad_cache_step
+from vlm.losses.gradcache import grad_cache_step
+from vlm.losses.grouped import GroupedClipLoss
 from vlm.losses.siglip import SigLipLoss
 from vlm.losses.terms import loss_terms, model_features, total_loss
 

@@ -76,8 +76,8 @@ def grad_cache_step(forward: Callable[[Any], Mapping[str, torch.Tensor]], micro_
     with torch.enable_grad():
         losses = loss_terms(loss_fn(leaves, **kw))
         total_loss(losses).backward()
-    sizes = [x.shape[0] for x in feats[CACHED_KEYS[0]]]
-    grads = {k: leaves[k].grad.split(sizes) for k in CACHED_KEYS}
+    grads = {k: leaves[k].grad.split([x.shape[0] for x in feats[k]]) for k in CACHED_KEYS}  # texts may
+    # outnumber images (several captions per image)
     # (c) re-forward each micro-batch with a graph under its RNG state; back-propagate the cached gradients
     k_mb = len(micro_batches)
     aux_sum: dict[str, torch.Tensor] = {}
