@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,10 +258,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 all(getattr(c, "peft_type", None) == "LORA" for c in cfg.values()):
             del m.peft_config
     return model
-
-
-def read_adapter_config(path) -> dict:
-    return json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
 
 
 @register("adapter", "lora", help="LoRA through peft (r, alpha, dropout, target_modules per family)")
