@@ -141,7 +141,7 @@ def bench_train(theirs, ours, batch: int, repeats: int) -> tuple[float, float]:
     theirs.vision_model.requires_grad_(False)
     theirs.vision_model.eval()
     opt_t = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
-    opt_o = torch.optim.AdamW(ours.param_groups(1e-4), lr=1e-4)
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)  # as theirs
     batch_o = {"pixels": pixels, **enc}
 
     def step_theirs():

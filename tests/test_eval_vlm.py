@@ -127,7 +127,7 @@ def test_demo_vlm_quick(demo, tmp_path):
     assert all(Path(p).is_file() for p in out["report"].values())
     rep = json.loads(Path(out["report"]["json"]).read_text(encoding="utf-8"))
     assert rep["metrics"][:2] == ["chrf", "chrf_blind"] and rep["summary"]["n_languages"] == 3
-    assert Path(out["model_dir"], "adapter", "adapter_config.json").is_file()
+    assert Path(out["model_dir"], "adapter", "llm", "lora", "adapter_config.json").is_file()
     import yaml
 
     blind_cfg = yaml.safe_load(Path(out["blind_model_dir"]).parent.joinpath("config.yaml").read_text())

@@ -127,8 +127,9 @@ def test_resume_applies_a_changed_lr_and_refuses_finished_or_model_changes(tmp_p
     for _ in range(4):
         ref_sched.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
-    with pytest.raises(UserError, match=r"step 4 but train.steps=3: nothing is left"):
+    with pytest.raises(UserError, match=r"step 4 but train.steps=3: the run is past that"):
         common.apply_resume_policy(_Cfg(new), ck, 4, 3, opt2, sched2, fresh)
+    assert common.apply_resume_policy(_Cfg(new), ck, 4, 4, opt2, sched2, fresh)  # a finished run: re-export
     with pytest.raises(UserError, match=r"model.embed_dim=32"):
         common.apply_resume_policy(_Cfg({**old, "model": {"embed_dim": 32}}), ck, 4, 10, opt2, sched2, fresh)
     # bookkeeping keys change freely and are not reported as changes

@@ -69,7 +69,7 @@ def test_finetune_loss_falls_and_exports(demo, tmp_path):
     assert last < first - 0.5, (first, last)
     assert out["val_loss"] is not None and out["val_loss"] < first
     final = Path(out["final_dir"])
-    assert (final / "adapter" / "adapter_config.json").is_file()  # LoRA in peft's format
+    assert (final / "adapter" / "llm" / "lora" / "adapter_config.json").is_file()  # LoRA in peft's format
     m = VisionLLM.from_pretrained(final)
     caps = m.generate(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), lang=["de", "zh"], max_new_tokens=4)
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
@@ -111,7 +111,7 @@ def test_kill_and_resume_equals_uninterrupted(demo, tmp_path):
     assert a == b  # the same batches, dropout draws and updates
     from safetensors.torch import load_file
 
-    for name in ("projector.safetensors", "adapter/adapter_model.safetensors"):
+    for name in ("projector.safetensors", "adapter/llm/lora/adapter_model.safetensors"):
         x = load_file(str(Path(full["final_dir"]) / name))
         y = load_file(str(Path(resumed["final_dir"]) / name))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -130,7 +130,7 @@ def test_caption_vqa_task_mix(demo, tmp_path):
     out = finetune.run(cfg)
     tasks = {}
     for r in _losses(tmp_path / "run"):
-        for t, n in (r.get("counts") or {}).items():
+        for t, n in (r.get("tasks") or {}).items():
             tasks[t] = tasks.get(t, 0) + n
     assert tasks.get("caption", 0) > 0 and tasks.get("vqa", 0) > 0 and sum(tasks.values()) == 8
     assert out["final_dir"] and out["loss"] == out["loss"]
@@ -197,7 +197,7 @@ def test_example_config_with_local_hf_dirs(demo, tmp_path):
     out = finetune.run(cfg)
     assert out["step"] == 2 and out["val_loss"] == out["val_loss"]
     assert set(cfg.data.lang_weights) == {"en", "de", "zh", "ru"} and cfg.data.lang_weights["en"] == pytest.approx(0.5)
-    adapter = json.loads((Path(out["final_dir"]) / "adapter" / "adapter_config.json").read_text())
+    adapter = json.loads((Path(out["final_dir"]) / "adapter" / "llm" / "lora" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == sorted(["q", "k", "v", "o", "wi_0", "wi_1", "wo"])
     m = VisionLLM.from_pretrained(out["final_dir"])
     assert m.llm.is_encoder_decoder

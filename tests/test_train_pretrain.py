@@ -13,6 +13,7 @@ import torch
 
 from vlm.train import pretrain
 from vlm.distributed import DistEnv
+from vlm.trainable import freeze_patterns
 from vlm.train.optim import (NonFiniteGuard, OptimConfig, TrainingDiverged, build_optimizer, lr_multiplier,
                              param_groups)
 from vlm.checkpoint import load_weights
@@ -81,7 +82,7 @@ def test_param_groups_and_schedule():
     with pytest.raises(UserError, match="txt_tower"):
         param_groups(model, 1e-3, 0.1, {"txt_tower": 1e-4})
     # frozen parameters are not optimised
-    model.freeze(["image_tower.*"])
+    freeze_patterns(model, ["image_tower.*"])
     opt = build_optimizer(model, OptimConfig())
     n_opt = sum(len(g["params"]) for g in opt.param_groups)
     assert n_opt == sum(1 for p in model.parameters() if p.requires_grad)

@@ -243,10 +243,12 @@ class Run:
         self._window = {"t": time.time(), "samples": 0, "steps": 0, "good": 0, "parts": {}, "counts": {}}
 
     def end_step(self, losses: dict[str, float], bad: bool, grad_norm: float, *, samples: int,
-                 counts: dict[str, int] | None = None, extra: Callable[[], dict] | None = None) -> bool:
+                 counts: dict[str, int] | None = None, counts_key: str = "counts",
+                 extra: Callable[[], dict] | None = None) -> bool:
         """Count the step, feed the non-finite guard, log every ``train.log_every`` steps (the losses
         averaged over the good steps of the window, lr per group, grad norm, samples/s over all ranks,
-        non-finite steps, ``counts`` summed over the window, the recipe's ``extra()``), and checkpoint
+        non-finite steps, ``counts`` summed over the window under ``counts_key``, the recipe's ``extra()``),
+        and checkpoint
         periodically (never inside a bad streak, so ``last_ckpt`` stays a good one) and at the last step.
         Returns True when the run stops here (``train.stop_after``)."""
         t, w = self.cfg.train, self._window
@@ -272,7 +274,7 @@ class Run:
             if len({g["lr"] for g in groups}) > 1:
                 rec.update({f"lr/{g.get('group', i)}": g["lr"] for i, g in enumerate(groups)})
             rec.update(lr=groups[0]["lr"], grad_norm=grad_norm, samples_per_s=w["samples"] / dt,
-                       nonfinite_steps=self.guard.total, **({"counts": dict(w["counts"])} if w["counts"] else {}))
+                       nonfinite_steps=self.guard.total, **({counts_key: dict(w["counts"])} if w["counts"] else {}))
             rec.update(extra() if extra is not None else {})
             self.logger.log(self.step, rec)
             self._reset_window()
@@ -339,6 +341,9 @@ def setup_run(cfg, env: DistEnv, build_model: Callable[[], nn.Module]) -> Run:
         run.logger.message(f"resumed from {resume} at step {run.step}")
         if changes:
             record_resume(run, changes)
+        if run.step >= steps:
+            run.logger.message(f"the run in {run_dir} is already complete at step {run.step} (train.steps={steps}): "
+                               f"nothing to train; raise train.steps to continue it")
     run.guard = NonFiniteGuard(cfg.train.max_bad_steps)
     run._reset_window()
     return run
@@ -374,7 +379,8 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple]:
 def apply_resume_policy(cfg, ckpt: Path, step: int, total: int, optimizer, scheduler, fresh: list[dict]) -> dict:
     """What a resume may change, decided in one place (every rank runs it; it reads the checkpoint's
     ``config.yaml``). Refused with an error naming the key: the model (``model.*``, the task), a
-    ``train.steps`` the checkpoint has already reached. Applied: ``optim.*`` (learning rates per group,
+    ``train.steps`` the checkpoint has already passed (the same number resumes a finished run: nothing is
+    trained, the final model is written again, and the log says so). Applied: ``optim.*`` (learning rates per group,
     weight decay, betas, eps from this config, the schedule recomputed for this config's steps and
     warm-up: the checkpoint's saved rates would otherwise silently win), ``train.steps``, data and device
     settings. Returns the changes (``{key: (old, new)}``) for :func:`record_resume`."""
@@ -382,9 +388,9 @@ def apply_resume_policy(cfg, ckpt: Path, step: int, total: int, optimizer, sched
 
     from vlm.config import to_dict
 
-    if total <= step:
-        raise UserError(f"checkpoint {ckpt} is at step {step} but train.steps={total}: nothing is left to train; "
-                        f"raise train.steps above {step}, or start a new train.run_dir")
+    if total < step:
+        raise UserError(f"checkpoint {ckpt} is at step {step} but train.steps={total}: the run is past that; "
+                        f"raise train.steps above {step} to continue it, or start a new train.run_dir")
     cfg_file = ckpt / "config.yaml"
     old = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else None
     changes = config_changes(old, to_dict(cfg)) if isinstance(old, dict) else {}

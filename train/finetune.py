@@ -248,7 +248,7 @@ def _train(cfg: FinetuneConfig, env, task_w: dict[str, float]) -> dict:
         losses = lm_step(run.train_model, model, micro, env=env, precision=cfg.train.precision)
         bad, grad_norm = run.update(losses["loss"])
         if run.end_step(losses, bad, grad_norm, samples=sum(b["pixels"].shape[0] for b in micro), counts=tasks,
-                        extra=extra):
+                        counts_key="tasks", extra=extra):
             return run.stopped()
         if cfg.val_data is not None and cfg.eval_every and run.step % cfg.eval_every == 0:
             _log_val(run, max_batches=cfg.val_batches)

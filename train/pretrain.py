@@ -90,8 +90,8 @@ def debug_config(cfg: PretrainConfig) -> PretrainConfig:
 def debug_model_config(mcfg: DualEncoderConfig) -> DualEncoderConfig:
     """Tiny towers (width 32, depth 2, 32 px, byte tokenizer) in place of whatever the config names."""
     return dataclasses.replace(mcfg, image_tower="tiny:vit", text_tower="tiny:text", image_tower_cfg={},
-                               text_tower_cfg={}, embed_dim=None, proj="auto", lock_image=False,
-                               lock_text=False, frozen=[])
+                               text_tower_cfg={}, embed_dim=None, proj="auto", trainable={},
+                               unlocked_groups={}, freeze_bn_stats=False, frozen=[])
 
 
 def check_config(cfg: PretrainConfig) -> None:
