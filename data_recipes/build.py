@@ -42,7 +42,6 @@ when a build starts; existing shards with the same prefix are an error unless ``
 """
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import io
 import json
@@ -50,30 +49,20 @@ import os
 import random
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from vlm.data_recipes.rows import ROW_FORMATS, RowError, RowPlan, parse_row, read_rows
 from vlm.errors import DataError
 
 IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # The streaming reader's default limit (vlm.data.wds.DataConfig.max_pixels): a shard set never holds an
 # image that training would reject. Raise both together for very large images.
 DEFAULT_MAX_PIXELS = 40_000_000
-ROW_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif"}
-_RESERVED = {"image", "caption", "captions", "lang", "label", "class_name"}
 
 
-class RowError(Exception):
-    """A row that cannot become a sample: ``reason`` is a short tag, ``detail`` says what was wrong."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-# ----------------------------------------------------------------------------------------------- writing
 class ShardSetWriter:
     """``webdataset.ShardWriter`` with atomic shards and per-shard bookkeeping.
 
@@ -243,165 +232,6 @@ def _resize(img, size: int, mode: str):
         left, top = (nw - side) // 2, (nh - side) // 2
         img = img.crop((left, top, left + side, top + side))
     return img
-
-
-# ----------------------------------------------------------------------------------------------- rows
-def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict | RowError]]:
-    """Yield ``(line number, row dict or RowError)`` from a .jsonl, .csv or .tsv file.
-
-    The file's existence, format and (CSV/TSV) header are checked now, before the first row is asked for.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"rows file {p} does not exist (pass a .jsonl/.csv/.tsv file or an image folder)")
-    kind = ROW_FORMATS.get(p.suffix.lower())
-    if kind is None:
-        raise DataError(f"rows file {p}: unknown format {p.suffix!r}; use .jsonl (one JSON object a line), "
-                        f".csv or .tsv (header with image, caption/captions, lang, label)")
-    if kind != "jsonl":
-        with open(p, encoding="utf-8-sig", newline="") as f:
-            cols = next(csv.reader(f, delimiter="\t" if kind == "tsv" else ","), [])
-        if "image" not in cols or not ({"caption", "captions", "question"} & set(cols)):
-            raise DataError(f"rows file {p}: header {cols} needs an 'image' column and a 'caption' or "
-                            f"'captions' column, or 'question' + 'answers' for VQA (optional: lang, label, "
-                            f"class_name)")
-    return _iter_rows(p, kind)
-
-
-def _iter_rows(p: Path, kind: str):
-    # Bad UTF-8 makes one bad row, not a failed build: bytes that do not decode become surrogates
-    # (surrogateescape), and a row holding any is reported as bad_row.
-    def bad_utf8(texts) -> bool:
-        return any("\udc80" <= ch <= "\udcff" for t in texts for ch in t)
-
-    if kind == "jsonl":
-        with open(p, encoding="utf-8", errors="surrogateescape") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if bad_utf8([line]):
-                    yield n, RowError("bad_row", f"line {n}: not valid UTF-8")
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield n, RowError("bad_row", f"line {n}: not JSON ({e.msg})")
-                    continue
-                yield n, row if isinstance(row, dict) else RowError("bad_row", f"line {n}: not a JSON object")
-        return
-    with open(p, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if kind == "tsv" else ",")
-        for row in reader:
-            row = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
-            if bad_utf8([str(v) for v in row.values()]):
-                yield reader.line_num, RowError("bad_row", f"line {reader.line_num}: not valid UTF-8")
-            else:
-                yield reader.line_num, row
-
-
-@dataclass
-class RowPlan:
-    """A validated row, before its image is read."""
-
-    image: str
-    captions: dict[str, list[str]]
-    lang: str
-    label: int | None = None
-    class_name: str | None = None
-    extra: dict = field(default_factory=dict)
-    questions: dict[str, str] = field(default_factory=dict)  # VQA rows: {lang: question}
-
-
-def parse_row(row: dict, default_lang: str | None = None) -> RowPlan:
-    """Check one row's fields (not its image); raises :class:`RowError` with the reason."""
-    from vlm.data.langs import UnknownLanguage, normalize_lang
-
-    image = row.get("image")
-    if not isinstance(image, str) or not image.strip():
-        raise RowError("bad_row", "no 'image' field (a path to a JPEG/PNG/WEBP file)")
-    caps: dict[str, list[str]] = {}
-    raw = row.get("captions")
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise RowError("bad_row", f"'captions' is not JSON ({e.msg}); expected {{lang: text or [texts]}}")
-    if raw is not None and not isinstance(raw, dict):
-        raise RowError("bad_row", "'captions' must be a mapping {lang: text or [texts]}")
-    items = list((raw or {}).items())
-    caption = row.get("caption")
-    if caption is not None and not (isinstance(caption, str) and not caption.strip()):
-        lang = row.get("lang") or default_lang
-        if not lang:
-            raise RowError("missing_lang", "row has 'caption' but no 'lang' (add a lang column or pass --lang)")
-        items.insert(0, (lang, caption))
-    for lang, texts in items:
-        try:
-            code = normalize_lang(str(lang))
-        except UnknownLanguage as e:
-            raise RowError("unknown_lang", str(e)) from None
-        texts = [texts] if isinstance(texts, str) else texts
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise RowError("bad_row", f"captions[{lang!r}] must be a string or a list of strings")
-        texts = [t.strip() for t in texts if t.strip()]
-        if texts:
-            caps.setdefault(code, []).extend(texts)
-    vqa = _parse_vqa_row(row, default_lang)
-    if not caps and not vqa:
-        raise RowError("missing_caption", "no non-empty 'caption' or 'captions' (nor a VQA 'question' + 'answers')")
-    primary = next(iter(caps)) if caps else next(iter(vqa))
-    label = row.get("label")
-    if label is not None:
-        try:
-            ok = not isinstance(label, (bool, float)) and int(label) >= 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise RowError("bad_label", f"label {label!r} is not an integer >= 0")
-        label = int(label)
-    cname = row.get("class_name")
-    extra = {k: v for k, v in row.items() if k not in _RESERVED}
-    if vqa:  # stored per language, so the reader never has to guess the language of a plain string
-        extra.pop("answer", None)
-        extra["question"] = {code: qa[0] for code, qa in vqa.items()}
-        extra["answers"] = {code: qa[1] for code, qa in vqa.items()}
-    return RowPlan(image.strip(), caps, primary, label, None if cname is None else str(cname), extra,
-                   {code: qa[0] for code, qa in vqa.items()})
-
-
-def _parse_vqa_row(row: dict, default_lang: str | None) -> dict[str, tuple[str, list[str]]]:
-    """``{lang: (question, answers)}`` of a row with a ``question``, checked by the VQA reader's parser;
-    {} for a row without one. A question whose answers are missing or unusable is a ``bad_row``."""
-    if row.get("question") in (None, ""):
-        return {}
-    from vlm.data.vqa import parse_vqa
-    from vlm.data.decode import SampleSkipped
-    from vlm.data.langs import UnknownLanguage, normalize_lang
-
-    q = row["question"]
-    if isinstance(q, str) and q.strip().startswith("{"):  # CSV cells hold JSON text
-        try:
-            row = {**row, "question": json.loads(q)}
-        except json.JSONDecodeError:
-            pass
-    a = row.get("answers", row.get("answer"))
-    if isinstance(a, str) and a.strip()[:1] in ("[", "{"):
-        try:
-            row = {**row, "answers": json.loads(a)}
-        except json.JSONDecodeError:
-            pass
-    lang = row.get("lang") or default_lang
-    if isinstance(row["question"], str) and not lang:
-        raise RowError("missing_lang", "row has a 'question' but no 'lang' (add a lang column or pass --lang)")
-    try:
-        if lang:
-            normalize_lang(str(lang))
-        return parse_vqa(row, default_lang=lang or "en")
-    except UnknownLanguage as e:
-        raise RowError("unknown_lang", str(e)) from None
-    except SampleSkipped:
-        raise RowError("bad_row", "'question' needs 'answers' (a string, a list, or {lang: [...]}) in the same "
-                                  "language(s)") from None
 
 
 # ----------------------------------------------------------------------------------------------- build
