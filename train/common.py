@@ -324,6 +324,7 @@ def setup_run(cfg, env: DistEnv, build_model: Callable[[], nn.Module]) -> Run:
               train_model=train_model, optimizer=optimizer, scheduler=scheduler, steps=steps, resume=resume,
               last_ckpt=resume)
     if resume:
+        resume_changes(cfg, Path(resume))  # a changed model is refused before its weights are read
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         state = load_training_state(resume, model, optimizer, scheduler, env)
         run.step = int(state["step"])
@@ -376,21 +377,13 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def apply_resume_policy(cfg, ckpt: Path, step: int, total: int, optimizer, scheduler, fresh: list[dict]) -> dict:
-    """What a resume may change, decided in one place (every rank runs it; it reads the checkpoint's
-    ``config.yaml``). Refused with an error naming the key: the model (``model.*``, the task), a
-    ``train.steps`` the checkpoint has already passed (the same number resumes a finished run: nothing is
-    trained, the final model is written again, and the log says so). Applied: ``optim.*`` (learning rates per group,
-    weight decay, betas, eps from this config, the schedule recomputed for this config's steps and
-    warm-up: the checkpoint's saved rates would otherwise silently win), ``train.steps``, data and device
-    settings. Returns the changes (``{key: (old, new)}``) for :func:`record_resume`."""
+def resume_changes(cfg, ckpt: Path) -> dict[str, tuple]:
+    """``{key: (checkpoint's, this config's)}`` against the checkpoint's ``config.yaml``; a change the
+    checkpoint cannot take (the model, the task) is refused here, before any weight is read."""
     import yaml
 
     from vlm.config import to_dict
 
-    if total < step:
-        raise UserError(f"checkpoint {ckpt} is at step {step} but train.steps={total}: the run is past that; "
-                        f"raise train.steps above {step} to continue it, or start a new train.run_dir")
     cfg_file = ckpt / "config.yaml"
     old = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else None
     changes = config_changes(old, to_dict(cfg)) if isinstance(old, dict) else {}
@@ -399,6 +392,21 @@ def apply_resume_policy(cfg, ckpt: Path, step: int, total: int, optimizer, sched
         k = refused[0]
         raise UserError(f"resuming {ckpt} with {k}={changes[k][1]!r} (the checkpoint has {changes[k][0]!r}): a "
                         f"resume continues the same model; drop the override, or start a new train.run_dir")
+    return changes
+
+
+def apply_resume_policy(cfg, ckpt: Path, step: int, total: int, optimizer, scheduler, fresh: list[dict]) -> dict:
+    """What a resume may change, decided in one place (every rank runs it; it reads the checkpoint's
+    ``config.yaml``). Refused with an error naming the key: the model (``model.*``, the task), a
+    ``train.steps`` the checkpoint has already passed (the same number resumes a finished run: nothing is
+    trained, the final model is written again, and the log says so). Applied: ``optim.*`` (learning rates per group,
+    weight decay, betas, eps from this config, the schedule recomputed for this config's steps and
+    warm-up: the checkpoint's saved rates would otherwise silently win), ``train.steps``, data and device
+    settings. Returns the changes (``{key: (old, new)}``) for :func:`record_resume`."""
+    if total < step:
+        raise UserError(f"checkpoint {ckpt} is at step {step} but train.steps={total}: the run is past that; "
+                        f"raise train.steps above {step} to continue it, or start a new train.run_dir")
+    changes = resume_changes(cfg, ckpt)
     if len(fresh) != len(optimizer.param_groups):
         raise UserError(f"resuming {ckpt}: this config makes {len(fresh)} optimizer groups, the checkpoint has "
                         f"{len(optimizer.param_groups)} (optim.part_lr or trainable parts changed); resume with "
