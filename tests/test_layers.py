@@ -149,3 +149,19 @@ def test_babel_imagenet_files_ship_with_the_package():
 
     assert len(load_labels(BUNDLED_LABELS).languages) == 93
     assert len(load_prompts(BUNDLED_PROMPTS).templates) == 90
+
+
+def test_pyproject_lists_every_package():
+    """The wheel installs the packages pyproject.toml lists: a new sub-package must be listed there."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    dirs = {"vlm": root / "vlm", "vlm.train": root / "train", "vlm.eval": root / "eval",
+            "vlm.data_recipes": root / "data_recipes"}
+    found = set()
+    for pkg, d in dirs.items():
+        for init in d.rglob("__init__.py"):
+            rel = init.parent.relative_to(d).parts
+            found.add(".".join([pkg, *rel]))
+    assert found == listed, f"not listed: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
