@@ -27,6 +27,7 @@ import platform
 import tempfile
 
 from vlm.errors import DataError
+from vlm.fileio import respect_umask
 
 
 def default_metadata() -> dict:
@@ -48,6 +49,7 @@ def _atomic_write(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        respect_umask(tmp)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -135,6 +137,7 @@ def plot(report: dict, path: str, metric: str | None = None) -> str:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        respect_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

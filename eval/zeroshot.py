@@ -37,6 +37,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from vlm.fileio import respect_umask
 from vlm.eval.babel import BabelLabels, BabelPrompts, norm_code, render, resolve_langs, templates_for
 from vlm.errors import DataError, UserError
 
@@ -124,6 +125,7 @@ class TextEmbeddingCache:
                 save_file({"class_embeddings": emb}, tmp, metadata={
                     "model_id": self.model_id, "lang": norm_code(lang), "n_classes": str(len(labels)),
                     "n_templates": str(len(templates))})
+                respect_umask(tmp)  # mkstemp and safetensors create 0600
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):

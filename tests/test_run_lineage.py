@@ -145,3 +145,25 @@ def test_checkpoint_files_follow_the_umask(tmp_path):
         os.umask(old)
     for f in path.iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+def test_saved_models_and_reports_follow_the_umask(tmp_path):
+    """final/ of a dual encoder, a vision-LLM (with its peft adapter) and evaluation reports: 0644 under umask 022
+    (safetensors, transformers, peft and mkstemp all create 0600)."""
+    from vlm.eval.report import write_report
+    from vlm.model import DualEncoder, DualEncoderConfig
+    from vlm.vision_llm import VisionLLM, VisionLLMConfig
+
+    old = os.umask(0o022)
+    try:
+        DualEncoder.from_config(DualEncoderConfig()).save_pretrained(tmp_path / "de")
+        VisionLLM(VisionLLMConfig(llm_cfg={"hidden_size": 32, "num_layers": 1})).save_pretrained(tmp_path / "vl")
+        write_report({"task": "zeroshot", "primary_metric": "top1", "metrics": ["top1"], "summary": {},
+                      "per_language": {"en": {"top1": 50.0, "top1_chance": 10.0}}},
+                     str(tmp_path / "rep"), "r")
+    finally:
+        os.umask(old)
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert any(f.name == "adapter_model.safetensors" for f in files) and any(f.suffix == ".png" for f in files)
+    bad = [str(f) for f in files if f.stat().st_mode & 0o777 != 0o644]
+    assert not bad, bad

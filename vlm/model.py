@@ -60,6 +60,7 @@ from vlm import trainable as tr
 from vlm.adapters.lora import LoraAdapter, plain_layers, zero_lora
 from vlm.config import ConfigError, from_dict, load_config, to_dict
 from vlm.errors import UserError
+from vlm.fileio import respect_umask
 from vlm.towers.base import check_aux
 
 FORMAT = "vlm.dual_encoder"
@@ -246,6 +247,7 @@ class DualEncoder(nn.Module):
                 "source": {"image_tower": self.config.image_tower, "text_tower": self.config.text_tower}}
         os.replace(tmp, out / "model.safetensors")
         _write_atomic(out / "config.json", json.dumps(meta, indent=2, ensure_ascii=False))
+        respect_umask(out)  # safetensors (and peft's adapter files) are written 0600
         return out
 
     @classmethod
@@ -303,6 +305,7 @@ class DualEncoder(nn.Module):
                                 f"export to a folder (local-dir format records init_logit_bias)")
             p.parent.mkdir(parents=True, exist_ok=True)
             _save_state(sd, p)
+            respect_umask(p)
             return p
         if model_cfg is None:
             raise UserError("export_open_clip to a folder needs the architecture's model_cfg (hf-hub: towers have "
@@ -318,6 +321,7 @@ class DualEncoder(nn.Module):
         _write_atomic(p / "open_clip_config.json", json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {
             "size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std),
             "interpolation": pre.interpolation, "resize_mode": pre.resize_mode}}, indent=2))
+        respect_umask(p)
         return p
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vlm.errors import UserError
+from vlm.fileio import respect_umask
 
 IMAGE_TOKEN = "<image>"
 
@@ -100,6 +101,7 @@ class LanguageModel(nn.Module):
         p.mkdir(parents=True, exist_ok=True)
         self.base_model.save_pretrained(p)
         self.tokenizer.save_pretrained(p)
+        respect_umask(p)  # transformers writes model.safetensors 0600
         return p
 
 

@@ -23,6 +23,7 @@ from vlm import registry
 from vlm import trainable as tr
 from vlm.config import from_dict, to_dict
 from vlm.errors import UserError
+from vlm.fileio import respect_umask
 from vlm.llms.hf import load_hf_llm
 
 FORMAT = "vlm.vision_llm/1"
@@ -67,6 +68,7 @@ def save_vision_llm(model, path) -> Path:
     tmp = p / "config.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     tmp.replace(p / "config.json")
+    respect_umask(p)  # safetensors, transformers and peft write their weight files 0600
     return p
 
 
