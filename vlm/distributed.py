@@ -3,8 +3,11 @@
 Core (no recipe imports it from elsewhere): the checkpoint module and every recipe use these, so there
 is one barrier, one all-gather and one way to join the process group.
 
-``init_distributed`` reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set by torchrun;
-gloo on CPU, NCCL on CUDA. ``dist="auto"`` means DDP when WORLD_SIZE > 1, else single process.
+``init_distributed`` reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set by torchrun,
+or, when those are absent, SLURM's own (``srun`` starts one task per process: SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID; the rendezvous host is the first node of SLURM_JOB_NODELIST and the port is derived from
+SLURM_JOB_ID unless MASTER_ADDR / MASTER_PORT are set), as open_clip does (:func:`world_from_env`); gloo
+on CPU, NCCL on CUDA. ``dist="auto"`` means DDP when WORLD_SIZE > 1, else single process.
 FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every element of every ``nn.ModuleList`` in the
 model (transformer blocks of any tower), then the root. Collectives are no-ops in a single process.
 """
@@ -48,19 +51,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list -> host names: ``"gpu[01-03,07],cpu5"`` -> ``["gpu01", "gpu02", "gpu03",
+    "gpu07", "cpu5"]`` (zero padding kept; what ``scontrol show hostnames`` prints)."""
+    hosts, i, n = [], 0, len(nodelist)
+    while i < n:
+        j = i
+        while j < n and nodelist[j] not in ",[":
+            j += 1
+        prefix = nodelist[i:j]
+        if j < n and nodelist[j] == "[":
+            k = nodelist.index("]", j)
+            for part in nodelist[j + 1:k].split(","):
+                lo, _, hi = part.partition("-")
+                if hi:
+                    hosts += [f"{prefix}{x:0{len(lo)}d}" for x in range(int(lo), int(hi) + 1)]
+                else:
+                    hosts.append(prefix + lo)
+            j = k + 1
+        elif prefix:
+            hosts.append(prefix)
+        i = j + 1 if j < n and nodelist[j] == "," else j
+    return hosts
+
+
+def world_from_env(environ=None) -> tuple[int, int, int, str]:
+    """``(rank, world_size, local_rank, launcher)`` from torchrun's variables, else SLURM's (one ``srun``
+    task per process), else a single process. Under SLURM the rendezvous variables are filled in when
+    missing (MASTER_ADDR: the first host of SLURM_JOB_NODELIST; MASTER_PORT: 20000 + SLURM_JOB_ID % 20000,
+    the same in every task of the job) and RANK / WORLD_SIZE / LOCAL_RANK are exported, so everything
+    downstream reads one set of names."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env or "RANK" in env:
+        return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")), "torchrun"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", "0"))
+        if world > 1:
+            if "MASTER_ADDR" not in env:
+                hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+                if not hosts:
+                    raise UserError("SLURM_NTASKS > 1 but SLURM_JOB_NODELIST is empty: set MASTER_ADDR to the "
+                                    "first node's host name in the sbatch script")
+                env["MASTER_ADDR"] = hosts[0]
+            if "MASTER_PORT" not in env:
+                env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        return rank, world, local, "slurm"
+    return 0, 1, 0, "none"
+
+
 def init_distributed(mode: str = "auto", device: str = "auto") -> DistEnv:
-    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT). ``mode``: auto | none | ddp | fsdp2. Backend: NCCL on CUDA, gloo on CPU."""
+    """Join the process group described by torchrun's or SLURM's environment (:func:`world_from_env`).
+    ``mode``: auto | none | ddp | fsdp2. Backend: NCCL on CUDA, gloo on CPU."""
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank, launcher = world_from_env()
     if mode == "auto":
         mode = "ddp" if world > 1 else "none"
     if mode == "none" and world > 1:
-        raise UserError(f"launched with WORLD_SIZE={world} (torchrun) but train.dist=none; set train.dist=ddp "
-                        f"or train.dist=fsdp2, or launch without torchrun")
+        raise UserError(f"launched with {world} processes ({launcher}) but train.dist=none; set train.dist=ddp "
+                        f"or train.dist=fsdp2, or launch one process")
     if mode not in ("none", "ddp", "fsdp2"):
         raise UserError(f"train.dist={mode!r}: choose auto, none, ddp or fsdp2")
     if device == "auto":
