@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("vlm.cli.generate", "caption images with a vision-LLM in a chosen language"),
     "vqa": ("vlm.cli.generate", "answer a question about an image in a chosen language"),
     "parts": ("vlm.cli.parts", "list the registered towers, projectors, LLMs and adapters"),
+    "export": ("vlm.cli.export", "export a saved model to transformers (CLIP/SigLIP/Llava/Blip2) or open_clip"),
 }
 
 
