@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--device", default="cpu", help="torch device (default cpu)")
             p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                            help="fp32, or bf16 autocast (faster on CPUs with bf16; numbers shift slightly)")
+            add_trust_flag(p)
         p.add_argument("--out", default="eval_out", help="report directory (default ./eval_out)")
         p.add_argument("--name", default=None, help="report file name without extension")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -98,11 +99,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--limit", type=int, default=None, help="with --model: only the first N images")
         p.add_argument("--device", default="cpu", help="torch device (default cpu)")
         p.add_argument("--workers", type=int, default=2, help="with --model: shard loader workers (default 2)")
+        add_trust_flag(p)
 
     c = sub.add_parser("compare", help="one Markdown table over several report JSONs")
     c.add_argument("reports", nargs="+", help="report .json files written by vlm eval")
     c.add_argument("--metric", default=None, help="metric to compare (default: the primary metric)")
     c.add_argument("--out", default=None, help="also write the table to this .md file")
+
+
+def add_trust_flag(p: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code``: the user's decision (:mod:`vlm.remote_code`), passed to the model loader."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model's directories run the Python code they ship (transformers auto_map); "
+                        "only for a model you trust (a saved config can never turn this on)")
 
 
 def run(args) -> int:
@@ -120,14 +129,14 @@ def _langs(s):
     return [c for c in s.replace(",", " ").split() if c]
 
 
-def load_model(path: str, device: str = "cpu"):
+def load_model(path: str, device: str = "cpu", *, trust_remote_code: bool = False):
     """The model at ``path`` (``vlm.model.load_model``), in eval mode on ``device``."""
     if not os.path.exists(path):
         raise DataError(f"model not found: {path} (give the directory written by DualEncoder.save_pretrained, "
                         f"e.g. runs/<name>/final)")
     from vlm.model import load_model as _load
 
-    model = _load(path)
+    model = _load(path, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 
@@ -170,7 +179,7 @@ def run_zeroshot(args) -> int:
     if args.mode != "label":
         ppath = args.prompts or _default_prompts(labels.path)
         prompts = load_prompts(ppath)
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
     bf16 = args.precision == "bf16"
     model_id = model_fingerprint(args.model) + ("|bf16" if bf16 else "")
     progress = not args.no_progress
@@ -225,7 +234,7 @@ def run_retrieval(args) -> int:
     from vlm.eval.retrieval import captions_of, evaluate_retrieval
     from vlm.eval.zeroshot import embed_images, make_text_encoder, model_fingerprint
 
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
     stream = _shard_batches(args.shards, model, args)
     bf16 = args.precision == "bf16"
     captions: dict = {}  # filled by the same pass that embeds the images
@@ -277,7 +286,7 @@ def _generate_and_score(args) -> int:
         raise DataError(f"model not found: {args.model} (give a directory written by VisionLLM.save_pretrained)")
     from vlm.vision_llm import VisionLLM
 
-    model = VisionLLM.from_pretrained(args.model, device=args.device)
+    model = VisionLLM.from_pretrained(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     kw = dict(langs=_langs(args.langs), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               limit=args.limit, device=args.device, progress=not args.no_progress, num_workers=args.workers)
     meta = _metadata(args, model=os.path.abspath(args.model))

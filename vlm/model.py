@@ -40,6 +40,10 @@ Design:
   (``safetensors.torch.save_model``); ``from_pretrained`` rebuilds and loads strictly.
   ``export_open_clip(path)`` writes a checkpoint ``open_clip.create_model(arch, pretrained=path)`` loads
   (a ``.pt``/``.safetensors`` file, or a folder in open_clip's ``local-dir:`` format).
+- ``config.json`` is data (:mod:`vlm.remote_code`): ``from_pretrained`` drops the code-enabling keys
+  (``trust_remote_code``, ``weights_only``...) and ``pretrained`` from the saved tower options (the weights
+  are ``model.safetensors``, nothing else is read for them); ``trust_remote_code`` is its own argument
+  (default False), passed to the towers that can run a directory's code (``hf:``, ``vlm:``).
 """
 from __future__ import annotations
 
@@ -61,6 +65,7 @@ from vlm.adapters.lora import LoraAdapter, plain_layers, zero_lora
 from vlm.config import ConfigError, from_dict, load_config, to_dict
 from vlm.errors import UserError
 from vlm.fileio import respect_umask
+from vlm.remote_code import code_option, data_options
 from vlm.towers.base import check_aux
 
 FORMAT = "vlm.dual_encoder"
@@ -251,9 +256,11 @@ class DualEncoder(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu") -> "DualEncoder":
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu", *,
+                        trust_remote_code: bool = False) -> "DualEncoder":
         """Rebuild from ``save_pretrained`` output (no network) and load its weights strictly (LoRA towers:
-        the merged weights become the base, the LoRA starts at B = 0)."""
+        the merged weights become the base, the LoRA starts at B = 0). ``trust_remote_code``: let the
+        towers' directories run their own code (the caller's decision; the saved config's is ignored)."""
         from safetensors.torch import load_model
 
         d = Path(path)
@@ -266,8 +273,13 @@ class DualEncoder(nn.Module):
         cfg = from_dict(DualEncoderConfig, meta["config"])
         cfg.image_tower = _resolve_local(cfg.image_tower, d)
         cfg.text_tower = _resolve_local(cfg.text_tower, d)
+        cfg.image_tower_cfg = _saved_tower_options(cfg.image_tower_cfg)
+        cfg.text_tower_cfg = _saved_tower_options(cfg.text_tower_cfg)
         cfg.logit_from_pretrained = False
-        model = cls.from_config(cfg)
+        towers = [_build_tower(spec, side, {**opts, **code_option("tower", spec, trust_remote_code)})
+                  for spec, side, opts in ((cfg.image_tower, "image", cfg.image_tower_cfg),
+                                           (cfg.text_tower, "text", cfg.text_tower_cfg))]
+        model = cls(cfg, *towers)
         with plain_layers(model, merged=False):
             missing, unexpected = load_model(model, str(d / "model.safetensors"), strict=False, device=map_location)
         zero_lora(model)
@@ -342,6 +354,12 @@ def _resolve_local(spec: str, base: Path) -> str:
     return spec
 
 
+def _saved_tower_options(cfg: dict) -> dict:
+    """Tower options read from a saved ``config.json``: data only (no code-enabling key), no ``pretrained``
+    (the weights are ``model.safetensors``; ``save_pretrained`` never writes it)."""
+    return {k: v for k, v in data_options(cfg).items() if k != "pretrained"}
+
+
 def _save_state(sd: dict[str, torch.Tensor], p: Path) -> None:
     tmp = p.with_name(p.name + ".tmp")
     if p.suffix == ".safetensors":
@@ -359,16 +377,18 @@ def _write_atomic(p: Path, text: str) -> None:
     os.replace(tmp, p)
 
 
-def load_model(source: "str | os.PathLike | DualEncoderConfig | dict", overrides: list[str] | tuple = ()) -> DualEncoder:
+def load_model(source: "str | os.PathLike | DualEncoderConfig | dict", overrides: list[str] | tuple = (), *,
+               trust_remote_code: bool = False) -> DualEncoder:
     """A :class:`DualEncoder` from a ``save_pretrained`` folder, a config (dataclass or dict), or a
-    YAML/JSON file holding a ``DualEncoderConfig`` (plus dotted ``overrides``)."""
+    YAML/JSON file holding a ``DualEncoderConfig`` (plus dotted ``overrides``). ``trust_remote_code`` goes
+    to :meth:`DualEncoder.from_pretrained` for a folder; a config is the user's own, its options stand."""
     if isinstance(source, DualEncoderConfig):
         return DualEncoder.from_config(source)
     if isinstance(source, dict):
         return DualEncoder.from_config(from_dict(DualEncoderConfig, source))
     p = Path(source)
     if p.is_dir():
-        return DualEncoder.from_pretrained(p)
+        return DualEncoder.from_pretrained(p, trust_remote_code=trust_remote_code)
     if p.is_file() and p.suffix in (".yaml", ".yml", ".json"):
         return DualEncoder.from_config(load_config(DualEncoderConfig, p, list(overrides)))
     raise UserError(f"cannot load a model from {source!r}: give a folder written by save_pretrained, a "

@@ -159,7 +159,9 @@ class LoraAdapter:
 
     @staticmethod
     def load(model: nn.Module, path, target: str = "llm") -> nn.Module:
-        """Inject the LoRA saved at ``path`` into ``model`` (in place; returned) and load its weights."""
+        """Inject the LoRA saved at ``path`` into ``model`` (in place; returned) and load its weights.
+        The directory is data (:mod:`vlm.remote_code`): ``adapter_config.json`` is read as a ``LoraConfig``
+        (peft imports nothing it names but allow-listed megatron modules) and the weights as safetensors."""
         from peft import LoraConfig, set_peft_model_state_dict
         from safetensors.torch import load_file
 

@@ -95,13 +95,16 @@ class PromptTuningAdapter:
     @staticmethod
     def load(model: nn.Module, path, target: str = "llm") -> nn.Module:
         """Wrap ``model`` in the soft prompt saved at ``path``; returns the peft wrapper. (peft refuses to
-        load a prompt as trainable; :func:`vlm.trainable.mark_adapters_trainable` re-enables it.)"""
+        load a prompt as trainable; :func:`vlm.trainable.mark_adapters_trainable` re-enables it.) The directory
+        is data (:mod:`vlm.remote_code`): loaded with ``is_trainable=False``, peft never initialises the prompt
+        from text, so an ``adapter_config.json`` naming a tokenizer (``tokenizer_name_or_path`` /
+        ``tokenizer_kwargs``) loads none; weights are safetensors or peft's ``weights_only`` load."""
         from peft import PeftModel
 
         if not (Path(path) / "adapter_config.json").is_file():
             raise UserError(f"{path} holds no peft adapter (adapter_config.json missing)")
         with _quiet():
-            return PeftModel.from_pretrained(model, str(path))
+            return PeftModel.from_pretrained(model, str(path), is_trainable=False)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ resize the shortest side and center-crop, or squash / fit the longest side and p
 generates in batches through ``VisionLLM.generate`` (greedy by default; ``--num-beams``, ``--sample`` with
 ``--top-p``/``--temperature``/``--seed``; ``--no-cache`` turns the KV cache off). Output: one line per image,
 ``path<TAB>text``, or JSON lines with ``--json``. A missing or unreadable image, an unknown language code
-or a model directory that is not a vision-LLM is a one-line error (exit status 2).
+or a model directory that is not a vision-LLM is a one-line error (exit status 2). The model directory is
+data: code it ships runs only with ``--trust-remote-code`` (:mod:`vlm.remote_code`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser, task: str = "caption") -> Non
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default=None, help="LLM dtype: float32 (default of the checkpoint), bfloat16")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the model's LLM/tower directories run the Python code they ship (transformers "
+                             "auto_map); only for a model you trust (a saved config can never turn this on)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of path<TAB>text")
     parser.set_defaults(task=task)
 
@@ -70,7 +74,8 @@ def run(args) -> int:
             from vlm.errors import DataError
 
             raise DataError(f"image file {img} does not exist")
-    model = VisionLLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    model = VisionLLM.from_pretrained(args.model, dtype=args.dtype, device=args.device,
+                                      trust_remote_code=args.trust_remote_code)
     pre = model.image_preprocess
     question = getattr(args, "question", None)
     if args.prompt is not None:

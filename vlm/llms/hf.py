@@ -10,6 +10,14 @@ Because a real LLM does not know the image placeholder ``<image>`` (nor language
 ``<2de>``), missing ones are added as special tokens and the embedding matrix is resized (transformers
 initialises new rows with the mean of the old ones, so a rebuild is deterministic). A tokenizer without a
 pad token gets ``pad = eos`` (Llama). Errors name the directory and the fix.
+
+Remote code (:mod:`vlm.remote_code`): ``trust_remote_code`` is an argument of the call, ``False`` unless the
+user says otherwise, and is passed to ``AutoConfig``, the model class and ``AutoTokenizer`` explicitly (never
+transformers' ``None``, which prompts on the terminal). So a directory whose ``config.json`` has an
+``auto_map`` is loaded with transformers' own class for its ``model_type`` when there is one; when there is
+none the load is a one-line :class:`LLMLoadError` naming the directory and ``--trust-remote-code``. An
+``attn_implementation`` naming a hub kernel (``org/kernel``: code from the Hub) also needs
+``trust_remote_code=True``.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import torch
 
 from vlm.llms.base import IMAGE_TOKEN, LanguageModel, LLMLoadError, add_special_tokens, lang_token, resolve_dtype
 from vlm.registry import register_family
+from vlm.remote_code import TRUST_HINT, shipped_code
 
 __all__ = ["IMAGE_TOKEN", "LanguageModel", "LLMLoadError", "lang_token", "resolve_dtype", "read_model_config",
            "is_seq2seq_config", "load_hf_llm"]
@@ -59,17 +68,26 @@ def load_hf_llm(path: str | os.PathLike, *, dtype: str | torch.dtype | None = No
 
     ``add_tokens``: extra special tokens to make sure exist (e.g. language tokens ``"<2de>"``); the image
     placeholder ``<image>`` is always ensured. ``dtype``: ``"bfloat16"``, ``"float32"``, ... or None.
+    ``trust_remote_code``: let the directory's own Python code (``auto_map``) run; the caller's decision only.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    trust = bool(trust_remote_code)
     p = Path(path).expanduser()
-    read_model_config(p)
+    raw = read_model_config(p)
+    code = None if trust else shipped_code(p)
+    if attn_implementation and "/" in attn_implementation and not trust:
+        raise LLMLoadError(f"{p}: attn_implementation={attn_implementation!r} is a hub kernel (code from the "
+                           f"Hub); use sdpa/eager, or {TRUST_HINT}")
     try:
-        config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(p, trust_remote_code=trust)
     except (ValueError, KeyError) as e:
-        raise LLMLoadError(f"transformers cannot read the config of {p}: {e}") from None
+        if code:
+            raise LLMLoadError(f"{p} can only be loaded by running the Python code it ships ({code} auto_map, "
+                               f"model_type {raw.get('model_type')!r}); {TRUST_HINT}") from None
+        raise LLMLoadError(f"transformers cannot read the config of {p}: {_one_line(e)}") from None
     auto = AutoModelForSeq2SeqLM if is_seq2seq_config(config) else AutoModelForCausalLM
-    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kw: dict[str, Any] = {"trust_remote_code": trust}
     if dtype is not None:
         kw["dtype"] = resolve_dtype(dtype)
     if attn_implementation:
@@ -78,11 +96,15 @@ def load_hf_llm(path: str | os.PathLike, *, dtype: str | torch.dtype | None = No
         model = auto.from_pretrained(p, config=config, **kw)
     except ValueError as e:
         raise LLMLoadError(f"{p}: {config.model_type!r} is not a {'seq2seq' if auto is AutoModelForSeq2SeqLM else 'causal'}"
-                           f" LM that transformers can load ({e})") from None
+                           f" LM that transformers can load ({_one_line(e)})" + (f"; it ships code ({code} auto_map): "
+                                                                                 f"{TRUST_HINT}" if code else "")) from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust)
     except (OSError, ValueError) as e:
-        raise LLMLoadError(f"no usable tokenizer in {p} ({e}); save the tokenizer next to the model") from None
+        if code:
+            raise LLMLoadError(f"{p}: the tokenizer can only be loaded by running the Python code the directory "
+                               f"ships ({code} auto_map); {TRUST_HINT}") from None
+        raise LLMLoadError(f"no usable tokenizer in {p} ({_one_line(e)}); save the tokenizer next to the model") from None
     add_special_tokens(model, tokenizer, [IMAGE_TOKEN, *add_tokens])
     if device is not None:
         model.to(device)
@@ -91,5 +113,10 @@ def load_hf_llm(path: str | os.PathLike, *, dtype: str | torch.dtype | None = No
 
 @register_family("llm", "hf", examples=("hf:/models/mt0-xl", "hf:/models/Qwen2-0.5B"),
                  help="any transformers causal or seq2seq LM from a local directory")
-def _hf_family(name: str, **cfg) -> LanguageModel:
-    return load_hf_llm(name, **cfg)
+def _hf_family(name: str, *, trust_remote_code: bool = False, **cfg) -> LanguageModel:
+    return load_hf_llm(name, trust_remote_code=trust_remote_code, **cfg)
+
+
+def _one_line(e: Exception) -> str:
+    """A library's (often multi-line) message as one line, for the CLI's one-line errors."""
+    return " ".join(str(e).split())

@@ -423,7 +423,9 @@ class QFormerProjector(nn.Module):
 
 def read_hf_weights(path: str | os.PathLike, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Tensors whose names start with ``prefixes`` from an HF model directory: ``model.safetensors``,
-    a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin`` (``weights_only`` load)."""
+    a sharded ``model.safetensors.index.json`` (its shards must lie in ``path``), or ``pytorch_model.bin``
+    (``weights_only`` load). Only JSON and tensors are read: no transformers class, no code of the directory
+    (an ``auto_map`` is never looked at), so no ``trust_remote_code`` exists here."""
     from safetensors import safe_open
     path = Path(path)
     files: list[Path]
@@ -432,6 +434,10 @@ def read_hf_weights(path: str | os.PathLike, prefixes: tuple[str, ...]) -> dict[
     elif (path / "model.safetensors.index.json").is_file():
         wm = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
         files = sorted({path / f for k, f in wm.items() if k.startswith(prefixes)})
+        outside = [str(f) for f in files if not f.resolve().is_relative_to(path.resolve())]
+        if outside:
+            raise UserError(f"{path / 'model.safetensors.index.json'} names weight files outside {path}: "
+                            f"{outside[:3]}; shards must be files of the model directory")
     elif (path / "pytorch_model.bin").is_file():
         sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         return {k: v for k, v in sd.items() if k.startswith(prefixes)}

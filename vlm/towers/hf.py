@@ -32,6 +32,12 @@ Image preprocessing comes from ``preprocessor_config.json`` (size, crop, mean, s
 Weights load in float32 unless ``dtype=`` says otherwise. ``load_weights=False`` builds the same
 architecture from ``config.json`` with random init (``DualEncoder.from_pretrained`` then loads its own
 weights); ``export_spec`` writes the config, tokenizer and preprocessor files into a sub-folder.
+
+Remote code (:mod:`vlm.remote_code`): ``trust_remote_code`` (default False) is the caller's argument and goes
+explicitly to ``AutoConfig``, ``AutoModel`` and ``AutoTokenizer`` (never transformers' ``None``, which prompts
+on the terminal). A directory (or ``tokenizer=`` directory) that transformers can only load by running the
+code its ``auto_map`` names is a one-line :class:`SpecError` naming it and ``--trust-remote-code``. The option
+is never written by ``export_spec``: whether code runs is decided again at each load.
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ import torch
 from torch import nn
 
 from vlm.registry import SpecError, register_family
+from vlm.remote_code import TRUST_HINT, shipped_code
 from vlm.towers.base import (IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, ImagePreprocess, ImageTower,
                              TextTower, pool_tokens)
 
@@ -79,14 +86,15 @@ def _resolve(config) -> tuple[str, dict[str, tuple[str, str]], str]:
     return "AutoModel", {"text": ("", "")}, "encoder"
 
 
-def _load_core(path: Path, config, cls_name: str, sub: str, load_weights: bool, dtype: torch.dtype):
+def _load_core(path: Path, config, cls_name: str, sub: str, load_weights: bool, dtype: torch.dtype, trust: bool):
     import transformers
 
     cls = getattr(transformers, cls_name)
+    auto = {"trust_remote_code": trust} if cls_name == "AutoModel" else {}  # only Auto* classes read auto_map
     if load_weights:
-        model = cls.from_pretrained(str(path), dtype=dtype)
+        model = cls.from_pretrained(str(path), dtype=dtype, **auto)
     else:
-        model = (cls.from_config(config) if cls_name == "AutoModel" else cls(config)).to(dtype)
+        model = (cls.from_config(config, **auto) if cls_name == "AutoModel" else cls(config)).to(dtype)
     return model, (getattr(model, sub) if sub else model)
 
 
@@ -263,9 +271,10 @@ def _detach(core: nn.Module, attr: str):
                                                      "hf:/models/xlm-roberta-base"))
 def build_hf(name: str, side: str | None = None, pretrained: None = None, pooling: str | None = None,
              context_length: int | None = None, tokenizer: str | None = None, load_weights: bool = True,
-             dtype: str = "float32"):
+             dtype: str = "float32", trust_remote_code: bool = False):
     """``hf:<dir>``; ``side`` image/text (needed for CLIP and SigLIP dirs that hold both); ``pooling``
-    pooler|cls|mean|last; ``tokenizer`` another directory for the tokenizer files."""
+    pooler|cls|mean|last; ``tokenizer`` another directory for the tokenizer files; ``trust_remote_code``
+    lets the directories' own Python code run (the caller's decision only)."""
     from transformers import AutoConfig
 
     if pretrained is not None:
@@ -275,7 +284,14 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
     if not (path / "config.json").is_file():
         raise SpecError(f"hf:{name}: {path} is not a transformers model directory (no config.json); give a "
                         f"local directory written by save_pretrained (nothing is downloaded)")
-    config = AutoConfig.from_pretrained(str(path))
+    trust = bool(trust_remote_code)
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise SpecError(f"hf:{name}: dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust)
+    except ValueError as e:
+        raise _code_error(name, path, trust) or SpecError(
+            f"hf:{name}: transformers cannot load {path}: {' '.join(str(e).split())}") from None
     cls_name, sides, family = _resolve(config)
     if side is None:
         if len(sides) > 1:
@@ -289,7 +305,7 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
     if pooling not in _POOLINGS:
         raise SpecError(f"hf:{name}: unknown pooling {pooling!r}; choose one of {', '.join(_POOLINGS)}")
     sub, proj_attr = sides[side]
-    model, core = _load_core(path, config, cls_name, sub, load_weights, getattr(torch, dtype))
+    model, core = _load_core(path, config, cls_name, sub, load_weights, getattr(torch, dtype), trust)
     proj = getattr(model, proj_attr) if proj_attr else None
     if side == "image":
         if family == "siglip":
@@ -316,7 +332,8 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
             core.pooler = None  # unused: it would get no gradient
         tok_dir = Path(tokenizer).expanduser() if tokenizer else path
         tower = HFTextTower(core, family, pooling, head, proj,
-                            HFTokenizer(_auto_tokenizer(tok_dir, name), context_length or _context(core.config, family)))
+                            HFTokenizer(_auto_tokenizer(tok_dir, name, trust),
+                                        context_length or _context(core.config, family)))
     tower.hf_config, tower.source = config, path
     tower.spec = f"hf:{name}"
     tower.build_cfg = {"pooling": pooling, "load_weights": load_weights, "dtype": dtype,
@@ -325,7 +342,15 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
     return tower
 
 
-def _auto_tokenizer(tok_dir: Path, name: str):
+def _code_error(name: str, d: Path, trust: bool) -> SpecError | None:
+    """The one-line error for a directory transformers refused because it would have to run the code its
+    ``auto_map`` names (``config.json`` / ``tokenizer_config.json``); None when that is not the reason."""
+    f = None if trust else shipped_code(d)
+    return SpecError(f"hf:{name}: {d} can only be loaded by running the Python code it ships ({f} auto_map); "
+                     f"{TRUST_HINT}") if f else None
+
+
+def _auto_tokenizer(tok_dir: Path, name: str, trust: bool):
     from transformers import AutoTokenizer
 
     # transformers 5 builds an empty-vocabulary tokenizer (every word -> UNK) from a config.json alone
@@ -333,10 +358,11 @@ def _auto_tokenizer(tok_dir: Path, name: str):
         raise SpecError(f"hf:{name}: no tokenizer files (tokenizer.json / tokenizer_config.json) in {tok_dir}; "
                         f"save one there with tokenizer.save_pretrained(dir) or pass tokenizer=<dir>")
     try:
-        return AutoTokenizer.from_pretrained(str(tok_dir))
+        return AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=trust)
     except (OSError, ValueError, TypeError) as e:
-        raise SpecError(f"hf:{name}: no usable tokenizer in {tok_dir} ({e}); save one there with "
-                        f"tokenizer.save_pretrained(dir) or pass tokenizer=<dir>") from None
+        raise _code_error(name, tok_dir, trust) or SpecError(
+            f"hf:{name}: no usable tokenizer in {tok_dir} ({' '.join(str(e).split())}); save one there with "
+            f"tokenizer.save_pretrained(dir) or pass tokenizer=<dir>") from None
 
 
 def _context(cfg, family: str) -> int:

@@ -22,6 +22,10 @@ JSON format; it is registered under ``<arch>`` with ``open_clip.add_model_config
 ``open_clip.get_tokenizer`` (BPE needs no download), wrapped to return ``input_ids`` and ``attention_mask``.
 The checkpoint's ``logit_scale`` / ``logit_bias`` are kept as ``pretrained_logit_scale`` / ``_bias`` so a
 dual encoder of two open_clip towers can start from them.
+
+Checkpoint files are data (:mod:`vlm.remote_code`): open_clip reads ``.safetensors`` as tensors and other
+files with ``torch.load(weights_only=True)``; the ``weights_only`` option (``False`` would unpickle, i.e.
+run code from the file) is refused, so a checkpoint that needs pickle is an error, never executed.
 """
 from __future__ import annotations
 
@@ -334,6 +338,10 @@ def build_open_clip(name: str, side: str | None = None, pretrained: str | None =
     ``force_context_length``); other kwargs go to ``open_clip.create_model``."""
     if side not in ("image", "text"):
         raise SpecError(f"open_clip:{name} has an image and a text side: pass side='image' or side='text'")
+    if "weights_only" in create_kwargs:
+        raise SpecError(f"open_clip:{name}: checkpoints are always read with weights_only=True (a pickle can run "
+                        f"code); remove the weights_only option, and convert a checkpoint that needs pickle to "
+                        f".safetensors where you trust it")
     if context_length is not None:  # open_clip's own knob: resizes the text positions on load
         create_kwargs = {**create_kwargs, "force_context_length": context_length}
     model, arch_cfg = _create(name, pretrained, model_cfg, create_kwargs)

@@ -269,9 +269,12 @@ class VisionLLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: str | None = None, trainable: bool = False,
-                        device: str | torch.device | None = None) -> "VisionLLM":
+                        device: str | torch.device | None = None, trust_remote_code: bool = False) -> "VisionLLM":
         """Load a directory written by :meth:`save_pretrained`. ``trainable=False`` (inference): every
-        parameter frozen and the model in eval mode; ``True``: the saved ``trainable`` settings apply."""
+        parameter frozen and the model in eval mode; ``True``: the saved ``trainable`` settings apply.
+        ``trust_remote_code``: let the LLM's / towers' directories run their own code (the caller's
+        decision only; a value in the saved config is ignored, see :mod:`vlm.vision_llm.saving`)."""
         from vlm.vision_llm.saving import load_vision_llm
 
-        return load_vision_llm(cls, path, dtype=dtype, trainable=trainable, device=device)
+        return load_vision_llm(cls, path, dtype=dtype, trainable=trainable, device=device,
+                               trust_remote_code=trust_remote_code)

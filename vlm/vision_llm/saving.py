@@ -10,6 +10,12 @@ LLM under ``llm/`` (trained in full, or LoRA merged). A user of plain peft loads
 :func:`load_vision_llm` does. Frozen parts are rebuilt from their spec; a
 fingerprint (evenly spaced weight values) saved in ``config.json`` catches a spec that no longer gives the
 weights the model was trained with.
+
+``config.json`` is data, never permission to run code (:mod:`vlm.remote_code`): ``load_vision_llm`` strips
+the code-enabling keys (``trust_remote_code``, ``code_revision``, ``weights_only``) from the saved
+``llm_cfg``, ``tower_cfg`` and ``projector_cfg`` before any part is built; whether the LLM's (or an ``hf:``
+/ ``vlm:`` tower's) directory may run its own code is the ``trust_remote_code`` argument of the call
+(``--trust-remote-code`` on the command line), default False, also for the full LLM saved under ``llm/``.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from vlm.config import from_dict, to_dict
 from vlm.errors import UserError
 from vlm.fileio import respect_umask
 from vlm.llms.hf import load_hf_llm
+from vlm.remote_code import code_option, data_options
 
 FORMAT = "vlm.vision_llm/1"
 
@@ -73,7 +80,7 @@ def save_vision_llm(model, path) -> Path:
 
 
 def load_vision_llm(model_cls, path, *, dtype: str | None = None, trainable: bool = False,
-                    device: str | torch.device | None = None):
+                    device: str | torch.device | None = None, trust_remote_code: bool = False):
     """``model_cls.from_pretrained(path)``: see the module docstring."""
     from safetensors.torch import load_model
 
@@ -88,13 +95,17 @@ def load_vision_llm(model_cls, path, *, dtype: str | None = None, trainable: boo
         raise UserError(f"{p}/config.json is not a vision-LLM config (format {meta.get('format')!r}, "
                         f"expected {FORMAT!r})")
     config = from_dict(VisionLLMConfig, meta["config"])
+    config.llm_cfg, config.tower_cfg, config.projector_cfg = (
+        data_options(config.llm_cfg), data_options(config.tower_cfg), data_options(config.projector_cfg))
     llm_cfg = dict(config.llm_cfg, **({"dtype": dtype} if dtype else {}))
     if meta.get("llm_weights"):
-        llm = load_hf_llm(p / meta["llm_weights"], **{k: v for k, v in llm_cfg.items() if k == "dtype"})
+        llm = load_hf_llm(p / meta["llm_weights"], trust_remote_code=trust_remote_code,
+                          **{k: v for k, v in llm_cfg.items() if k == "dtype"})
     else:
-        llm = registry.build("llm", config.llm, **llm_cfg)
+        llm = registry.build("llm", config.llm, **llm_cfg, **code_option("llm", config.llm, trust_remote_code))
         _check_fingerprint("llm", config.llm, llm.base_model, meta["fingerprints"]["llm"])
-    tower = registry.build("tower", config.tower, **config.tower_cfg)
+    tower = registry.build("tower", config.tower, **config.tower_cfg,
+                           **code_option("tower", config.tower, trust_remote_code))
     if meta.get("tower_saved"):
         load_model(tower, str(p / "tower.safetensors"))
     else:
