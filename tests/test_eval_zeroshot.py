@@ -256,7 +256,7 @@ def test_cli_wiring_on_demo_shards(tmp_path, monkeypatch):
                                langs=["en", "de", "zh", "ja", "ar"])
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
-    monkeypatch.setattr(vlm.eval.cli, "load_model", lambda path, device="cpu": FakeModel().eval())
+    monkeypatch.setattr(vlm.eval.cli, "load_model", lambda path, device="cpu", **kw: FakeModel().eval())
     spec = str(demo.val[0].parent / "val-{000000..000001}.tar")
     out = tmp_path / "out"
     argv = ["eval", "zeroshot", "--model", str(tmp_path / "model"), "--images", spec, "--out", str(out),
@@ -294,7 +294,7 @@ def test_cli_image_folder(tmp_path, monkeypatch):
     cmap = write_json(tmp_path / "map.json", {"red_thing": 4, "blue_thing": 9})
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "w.safetensors").write_bytes(b"x")
-    monkeypatch.setattr(vlm.eval.cli, "load_model", lambda path, device="cpu": FakeModel().eval())
+    monkeypatch.setattr(vlm.eval.cli, "load_model", lambda path, device="cpu", **kw: FakeModel().eval())
     assert main(["eval", "zeroshot", "--model", str(tmp_path / "model"), "--image-folder", str(tmp_path / "imgs"),
                  "--class-map", cmap, "--labels", labels, "--mode", "label", "--out", str(tmp_path / "o"),
                  "--workers", "0", "--cache-dir", "none", "--no-progress", "--precision", "bf16"]) == 0

@@ -81,7 +81,7 @@ def build_tokenizer(spec: str, context_length: int):
         from transformers import AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(spec[3:])  # local directory; nothing is downloaded
+            tok = AutoTokenizer.from_pretrained(spec[3:], trust_remote_code=False)  # a local dir: data, never code
         except (OSError, ValueError) as e:
             raise UserError(f"model.tokenizer={spec}: no usable tokenizer there ({e})") from None
         return _HFTokenizer(tok, context_length)
