@@ -362,3 +362,34 @@ def test_caption_and_vqa_cli(tmp_path, capsys):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     assert main(["caption", str(tmp_path / "bad.jpg"), "--model", str(tmp_path / "vl")]) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_lora_on_the_tower_trains_saves_and_loads(tmp_path):
+    """trainable.tower=lora: only the tower's LoRA (plus the projector and the LLM's LoRA) gets gradients; the
+    saved tower holds the merged weights and its adapter in peft's format; a reload gives the same loss."""
+    from vlm.config import ConfigError
+
+    torch.manual_seed(0)
+    m = _model()
+    m.config.trainable["tower"] = "lora"
+    m = VisionLLM(m.config)
+    batch = {"pixels": _pixels(2, m), "target": TARGETS[:2], "lang": LANGS[:2]}
+    out = m(batch)
+    sum(v for k, v in out.items() if k.endswith("_loss")).backward()
+    tower = dict(m.tower.named_parameters())
+    assert tower and all((p.grad is not None) == ("lora_" in n) for n, p in tower.items()), \
+        [n for n, p in tower.items() if (p.grad is not None) != ("lora_" in n)]
+    with torch.no_grad():  # move the LoRA away from B = 0 so the save must merge it
+        for n, p in tower.items():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    m.eval()
+    with torch.no_grad():
+        ref = m(batch)["lm_loss"]
+    d = m.save_pretrained(tmp_path / "m")
+    assert (d / "adapter" / "tower" / "lora" / "adapter_config.json").is_file()
+    back = VisionLLM.from_pretrained(d)
+    with torch.no_grad():
+        assert torch.allclose(back(batch)["lm_loss"], ref, atol=1e-5)
+    with pytest.raises(ConfigError, match="trainable.projector=.*lora"):
+        _model(trainable={"tower": "frozen", "projector": "lora", "llm": "lora"})

@@ -17,7 +17,7 @@ base weights are frozen and only the adapters' parameters train.
 Parts are the model's to declare (:class:`Part`): the dual encoder has ``image_tower``, ``text_tower``
 (frozen | full | lora), ``heads`` (``image_proj`` + ``text_proj``) and ``logit_scale`` (the temperature and
 the SigLIP bias), both frozen | full; every part defaults to ``full``. The vision-LLM has ``tower``
-(frozen | full, default frozen), ``projector`` (frozen | full, default full) and ``llm`` (frozen | full |
+(frozen | full | lora, default frozen), ``projector`` (frozen | full, default full) and ``llm`` (frozen | full |
 lora | prompt | lora+prompt, default lora). Learning rates per part are the optimizer's business
 (``optim.part_lr``, keyed by module path, e.g. ``{projector: 1e-4, llm: 2e-5}``), not the model's.
 

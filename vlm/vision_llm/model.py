@@ -21,9 +21,10 @@ from vlm.vision_llm.loss import token_loss
 from vlm.vision_llm.prompts import make_prompt
 from vlm.vision_llm.tokenize import PromptBuilder
 
-# The parts of ``trainable`` (vlm.trainable): tower frozen|full, projector frozen|full, llm frozen|full|lora|
-# prompt|lora+prompt. The tower takes no LoRA here: encode_images runs it with gradients only in mode full.
-PARTS = (tr.Part("tower", ("tower",), default="frozen"),
+# The parts of ``trainable`` (vlm.trainable): tower frozen|full|lora, projector frozen|full, llm frozen|full|
+# lora|prompt|lora+prompt. One ``lora`` section serves every part in mode lora (target_modules None: each
+# part's family defaults).
+PARTS = (tr.Part("tower", ("tower",), default="frozen", target="module"),
          tr.Part("projector", ("projector",), default="full"),
          tr.Part("llm", ("llm.model",), default="lora", target="llm"))
 
@@ -139,7 +140,7 @@ class VisionLLM(nn.Module):
         aux entries (``img/...``) and the projector's (``proj/...``); ``ctx`` goes to the projector."""
         if pixels.dtype == torch.uint8:
             pixels = self.image_preprocess.normalize(pixels)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.mode("tower") == "full"):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tr.trains(self.tower)):  # full or lora
             tokens, tower_aux = self.tower(pixels)
         visual, proj_aux = self.projector(tokens, **ctx)
         return visual, {**check_aux(tower_aux, "img/", f"tower {self.config.tower}"),
@@ -170,7 +171,7 @@ class VisionLLM(nn.Module):
         """:func:`make_prompt` with this model's ``lang_control`` and templates (training = generation)."""
         return make_prompt(task, lang, question, self.config.lang_control, self.config.prompts.get(task))
 
-    def collate(self, task: str, *, seed: int = 0, image_blind: bool = False) -> "VisionLLMCollate":
+    def collate(self, task: str, *, seed: int = 0, image_blind: bool = False):
         """The picklable batch builder a data loader runs in its workers for ``task`` (caption | vqa):
         prompts from this model's ``prompts`` and tokens from its ``prompt_builder``."""
         from vlm.vision_llm.collate import VisionLLMCollate

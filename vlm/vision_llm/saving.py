@@ -27,6 +27,7 @@ from torch import nn
 
 from vlm import registry
 from vlm import trainable as tr
+from vlm.adapters.lora import plain_layers, zero_lora
 from vlm.config import from_dict, to_dict
 from vlm.errors import UserError
 from vlm.fileio import respect_umask
@@ -56,7 +57,8 @@ def save_vision_llm(model, path) -> Path:
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     cfg = to_dict(model.config)
-    tower_saved = model.config.mode("tower") == "full" or model.config.save_frozen_tower
+    tower_mode = model.modes["tower"]
+    tower_saved = tower_mode != ("frozen",) or model.config.save_frozen_tower
     llm_weights = None
     adapters = model.llm_adapters()
     for a in adapters:  # in-place ones (LoRA) first: they live in the base the prompt wraps
@@ -66,8 +68,11 @@ def save_vision_llm(model, path) -> Path:
         llm_weights = "llm"
     cfg["trainable"] = {**cfg["trainable"], "llm": "+".join(model.modes["llm"])}  # merged: lora is gone
     save_model(model.projector, str(p / "projector.safetensors"))
+    for a in tr.adapters_for(tower_mode, model.config):  # a LoRA tower: its adapter in peft's format, ...
+        a.save(model.tower, p / "adapter" / "tower" / a.mode)
     if tower_saved:
-        save_model(model.tower, str(p / "tower.safetensors"))
+        with plain_layers(model.tower):  # ... and its weights merged under the plain names
+            save_model(model.tower, str(p / "tower.safetensors"))
     meta = {"format": FORMAT, "config": cfg, "num_image_tokens": model.num_image_tokens,
             "llm_weights": llm_weights, "tower_saved": tower_saved,
             "fingerprints": {"tower": None if tower_saved else fingerprint(model.tower),
@@ -113,7 +118,8 @@ def load_vision_llm(model_cls, path, *, dtype: str | None = None, trainable: boo
     mode = config.mode("llm")
     adapted = mode not in ("frozen", "full")
     config.trainable = {**config.trainable, "llm": "frozen" if adapted else mode}
-    model = model_cls(config, tower=tower, llm=llm)  # adapters are loaded below, not created fresh
+    model = model_cls(config, tower=tower, llm=llm)  # LLM adapters are loaded below, not created fresh
+    zero_lora(model.tower)  # a LoRA tower: the merged weights are its base, its LoRA restarts at B = 0
     load_model(model.projector, str(p / "projector.safetensors"))
     if adapted:
         config.trainable["llm"] = mode
