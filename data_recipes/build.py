@@ -25,6 +25,17 @@ or ``{lang: [answers]}``; ``answer`` is accepted too), with or without captions:
 its json and its question as the ``.txt``; VQA-only shard sets feed ``vqa_data`` of a finetune config and
 ``vlm eval vqa``, not caption training (the caption reader skips such samples as ``missing_caption``).
 
+Languages. Codes are normalised by :func:`vlm.data.langs.normalize_lang` (the ``langcodes`` library:
+ISO 639-1/2/3, BCP-47, POSIX locales; ``de_DE.UTF-8`` -> ``de``, ``zh_TW`` -> ``zh-Hant``, ``ach``).
+A caption in a language it does not know (``zzq``), or a ``caption`` with no ``lang``, is dropped and the
+row kept with its other captions: the json keeps the dropped texts under ``dropped_captions``
+(``[{"reason", "lang", "texts"}]``, for a later rebuild; no reader uses them) and the manifest counts them
+per reason (``dropped_captions``: ``unknown_lang_caption_ignored`` / ``missing_lang_caption_ignored``,
+the streaming reader's reasons and unit: one per sample and language code) and per code
+(``dropped_caption_langs``), with the first examples (``dropped_caption_examples``). A row left with no
+caption is ``unknown_lang`` / ``missing_lang``. ``strict_langs=True`` (``--strict-langs``) skips every row
+with an unknown or missing language instead (recorded as ``unknown_lang`` / ``missing_lang``).
+
 Validation, per row, before anything is written (a bad row is skipped and recorded, never fatal):
 ``bad_row`` (not a JSON object, no image field, unparsable captions, a question without usable answers),
 ``missing_image`` (file not found), ``unsupported_image`` (not JPEG/PNG/WEBP, judged by content, not by name), ``corrupt_image``
@@ -245,9 +256,10 @@ class BuildResult:
 
 
 def build_from_rows(rows_path: str | os.PathLike, out_dir: str | os.PathLike, *, lang: str | None = None,
-                    **opts) -> BuildResult:
-    """Shards from a rows file. ``lang`` is the language of rows that have ``caption`` but no ``lang``.
-    Other options: see :func:`build_samples`."""
+                    strict_langs: bool = False, **opts) -> BuildResult:
+    """Shards from a rows file. ``lang`` is the language of rows that have ``caption`` but no ``lang``;
+    ``strict_langs`` skips rows with an unknown or missing language instead of dropping only those
+    captions (module docstring). Other options: see :func:`build_samples`."""
     from vlm.data.langs import UnknownLanguage, normalize_lang
 
     rows_path = Path(rows_path)
@@ -264,14 +276,15 @@ def build_from_rows(rows_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                 yield n, row, None
                 continue
             try:
-                plan = parse_row(row, lang)
+                plan = parse_row(row, lang, strict_langs=strict_langs)
             except RowError as e:
                 yield n, e, row.get("image") if isinstance(row.get("image"), str) else None
                 continue
             path = Path(plan.image).expanduser()
             yield n, plan, path if path.is_absolute() else base / path
 
-    source = {"kind": "rows", "path": str(rows_path.resolve()), "format": ROW_FORMATS[rows_path.suffix.lower()]}
+    source = {"kind": "rows", "path": str(rows_path.resolve()), "format": ROW_FORMATS[rows_path.suffix.lower()],
+              "strict_langs": bool(strict_langs)}
     return build_samples(plans(), out_dir, source=source, **opts)
 
 
@@ -334,6 +347,7 @@ def build_samples(plans, out_dir, *, source: dict, prefix: str = "shard", max_co
         random.Random(shuffle_seed).shuffle(plans)
     skipped: list[dict] = []
     langs, captions, labels, questions = Counter(), Counter(), Counter(), Counter()
+    dropped_reasons, dropped_langs, dropped_examples = Counter(), Counter(), []
     index = 0
     with ShardSetWriter(out, prefix, maxcount=max_count, maxsize=max_size) as writer:
         for n, plan, path in plans:
@@ -354,6 +368,8 @@ def build_samples(plans, out_dir, *, source: dict, prefix: str = "shard", max_co
                 labels[plan.label] += 1
             if plan.class_name is not None:
                 meta["class_name"] = plan.class_name
+            if plan.dropped:
+                meta["dropped_captions"] = [{"reason": r, "lang": c, "texts": t} for r, c, t in plan.dropped]
             txt = plan.captions[plan.lang][0] if plan.captions else plan.questions[plan.lang]
             writer.write({"__key__": key, ext: data, "txt": txt.encode("utf-8"),
                           "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
@@ -363,6 +379,12 @@ def build_samples(plans, out_dir, *, source: dict, prefix: str = "shard", max_co
             for code, texts in plan.captions.items():
                 captions[code] += len(texts)
             questions.update(plan.questions.keys())
+            for reason, code, _ in plan.dropped:
+                dropped_reasons[reason] += 1
+                if reason == "unknown_lang_caption_ignored":
+                    dropped_langs[code] += 1
+                if len(dropped_examples) < 20:
+                    dropped_examples.append({"row": n, "key": key, "reason": reason, "lang": code})
             if log and index % 10_000 == 0:
                 log(f"  {index} samples written, {len(skipped)} skipped")
     shards = writer.shards
@@ -381,6 +403,9 @@ def build_samples(plans, out_dir, *, source: dict, prefix: str = "shard", max_co
         "captions_per_lang": dict(captions.most_common()),
         "questions_per_lang": dict(questions.most_common()),
         "labels": {str(k): v for k, v in sorted(labels.items())},
+        "dropped_captions": dict(dropped_reasons.most_common()),
+        "dropped_caption_langs": dict(dropped_langs.most_common()),
+        "dropped_caption_examples": dropped_examples,
         "num_skipped": len(skipped),
         "skipped_reasons": dict(Counter(s["reason"] for s in skipped).most_common()),
         "skipped": skipped,

@@ -29,8 +29,11 @@ rows file formats:
 image folder:  DIR/<class>/<image>  -> label = index of the class in sorted order, caption = class name
   (in --lang, default en); also writes labels.json (Babel-ImageNet format) for zero-shot evaluation.
 
-Bad rows (missing or corrupt image, image over --max-pixels, missing caption, unknown language, bad label)
-are skipped and listed with their reason in DIR/manifest.json; the build never stops for one row.
+Bad rows (missing or corrupt image, image over --max-pixels, missing caption, bad label) are skipped and
+listed with their reason in DIR/manifest.json; the build never stops for one row. Language codes: ISO 639-1/
+2/3, BCP-47 (pt-BR, zh-Hant, sr-Latn) or POSIX locales (de_DE.UTF-8, ca@valencia). A caption in an unknown
+language (or without one) is dropped and counted per reason and code in the manifest (dropped_captions,
+dropped_caption_langs); the row keeps its other captions. --strict-langs skips such rows instead.
 
 examples:
   vlm shards build captions.jsonl --out shards/ --max-count 5000
@@ -81,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="payload bytes per shard, e.g. 500MB, 2GB, 1e9 (default 1GB)")
     b.add_argument("--lang", default=None, help="language of captions without one (rows) / of the class "
                    "names (folder; default en)")
+    b.add_argument("--strict-langs", action="store_true",
+                   help="skip a row holding any caption in an unknown language or without one (default: drop "
+                   "just that caption, keep the row, count it in the manifest)")
     b.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="skip images with more pixels than this (default 40000000, the reader's limit)")
     b.add_argument("--resize", type=int, default=None, metavar="PX",
@@ -158,7 +164,7 @@ def _run_build(args) -> int:
     if src.is_dir():
         result = build.build_from_folder(src, args.out, lang=args.lang or "en", **opts)
     else:
-        result = build.build_from_rows(src, args.out, lang=args.lang, **opts)
+        result = build.build_from_rows(src, args.out, lang=args.lang, strict_langs=args.strict_langs, **opts)
     if not args.quiet:
         print(_summary(result))
     return 0 if result.manifest["num_samples"] else 1
@@ -171,6 +177,11 @@ def _summary(result) -> str:
              f"({m['total_bytes'] / 1e6:.1f} MB) to {result.out_dir}"]
     if m["langs"]:
         lines.append("languages: " + ", ".join(f"{k} {v}" for k, v in m["langs"].items()))
+    if m.get("dropped_captions"):
+        by_code = ", ".join(f"{k} {v}" for k, v in list(m["dropped_caption_langs"].items())[:10])
+        lines.append(f"dropped {sum(m['dropped_captions'].values())} captions, rows kept: "
+                     + ", ".join(f"{k} {v}" for k, v in m["dropped_captions"].items())
+                     + (f" (unknown codes: {by_code})" if by_code else "") + "; --strict-langs skips such rows")
     if m["num_skipped"]:
         lines.append(f"skipped {m['num_skipped']} rows: "
                      + ", ".join(f"{k} {v}" for k, v in m["skipped_reasons"].items())

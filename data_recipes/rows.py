@@ -5,6 +5,14 @@ VQA fields (``question`` + ``answers``, plain or per language). :func:`parse_row
 :class:`RowPlan` or raises :class:`RowError` with a short reason (``bad_row``, ``missing_caption``,
 ``missing_lang``, ``unknown_lang``, ``bad_label``); the build skips such a row and records it. The format
 rules are in the docstring of :mod:`vlm.data_recipes.build`.
+
+One caption in a language vlm does not know (or a ``caption`` without any ``lang``) does not cost the row:
+that caption is left out of ``captions`` and listed in :attr:`RowPlan.dropped` as ``(reason, code,
+texts)`` with the streaming reader's reasons (:func:`vlm.data.decode.parse_captions`):
+``unknown_lang_caption_ignored`` / ``missing_lang_caption_ignored``, once per distinct code of the row
+(``caption`` + ``lang`` "x" and ``captions`` {"x": ...} are one dropped entry, as in the reader). A row
+left with no usable caption and no VQA pair is still ``unknown_lang`` / ``missing_lang``. With
+``strict_langs=True`` any unknown or missing language skips the row (the old behaviour).
 """
 from __future__ import annotations
 
@@ -96,10 +104,14 @@ class RowPlan:
     class_name: str | None = None
     extra: dict = field(default_factory=dict)
     questions: dict[str, str] = field(default_factory=dict)  # VQA rows: {lang: question}
+    # captions left out: (reason, code as written ("" when missing), texts), one entry per distinct code
+    dropped: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
 
-def parse_row(row: dict, default_lang: str | None = None) -> RowPlan:
-    """Check one row's fields (not its image); raises :class:`RowError` with the reason."""
+def parse_row(row: dict, default_lang: str | None = None, strict_langs: bool = False) -> RowPlan:
+    """Check one row's fields (not its image); raises :class:`RowError` with the reason. Captions in an
+    unknown language (or without one) are dropped into :attr:`RowPlan.dropped`, or with ``strict_langs``
+    make the row ``unknown_lang`` / ``missing_lang`` (module docstring)."""
     from vlm.data.langs import UnknownLanguage, normalize_lang
 
     image = row.get("image")
@@ -115,25 +127,41 @@ def parse_row(row: dict, default_lang: str | None = None) -> RowPlan:
     if raw is not None and not isinstance(raw, dict):
         raise RowError("bad_row", "'captions' must be a mapping {lang: text or [texts]}")
     items = list((raw or {}).items())
+    dropped: dict[tuple[str, str], list[str]] = {}  # (reason, code as written) -> texts
+    errors: dict[str, str] = {}  # reason -> detail of its first occurrence
     caption = row.get("caption")
     if caption is not None and not (isinstance(caption, str) and not caption.strip()):
         lang = row.get("lang") or default_lang
         if not lang:
-            raise RowError("missing_lang", "row has 'caption' but no 'lang' (add a lang column or pass --lang)")
-        items.insert(0, (lang, caption))
+            detail = "row has 'caption' but no 'lang' (add a lang column or pass --lang)"
+            if strict_langs:
+                raise RowError("missing_lang", detail)
+            texts = [caption.strip()] if isinstance(caption, str) else []
+            dropped.setdefault(("missing_lang_caption_ignored", ""), []).extend(texts)
+            errors.setdefault("missing_lang", detail)
+        else:
+            items.insert(0, (lang, caption))
     for lang, texts in items:
-        try:
-            code = normalize_lang(str(lang))
-        except UnknownLanguage as e:
-            raise RowError("unknown_lang", str(e)) from None
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise RowError("bad_row", f"captions[{lang!r}] must be a string or a list of strings")
         texts = [t.strip() for t in texts if t.strip()]
-        if texts:
-            caps.setdefault(code, []).extend(texts)
+        if not texts:
+            continue
+        try:
+            code = normalize_lang(str(lang))
+        except UnknownLanguage as e:
+            if strict_langs:
+                raise RowError("unknown_lang", str(e)) from None
+            dropped.setdefault(("unknown_lang_caption_ignored", str(lang).strip()), []).extend(texts)
+            errors.setdefault("unknown_lang", str(e))
+            continue
+        caps.setdefault(code, []).extend(texts)
     vqa = _parse_vqa_row(row, default_lang)
     if not caps and not vqa:
+        for reason in ("unknown_lang", "missing_lang"):  # as the reader: nothing usable left
+            if reason in errors:
+                raise RowError(reason, errors[reason])
         raise RowError("missing_caption", "no non-empty 'caption' or 'captions' (nor a VQA 'question' + 'answers')")
     primary = next(iter(caps)) if caps else next(iter(vqa))
     label = row.get("label")
@@ -152,7 +180,7 @@ def parse_row(row: dict, default_lang: str | None = None) -> RowPlan:
         extra["question"] = {code: qa[0] for code, qa in vqa.items()}
         extra["answers"] = {code: qa[1] for code, qa in vqa.items()}
     return RowPlan(image.strip(), caps, primary, label, None if cname is None else str(cname), extra,
-                   {code: qa[0] for code, qa in vqa.items()})
+                   {code: qa[0] for code, qa in vqa.items()}, [(r, c, t) for (r, c), t in dropped.items()])
 
 
 def _parse_vqa_row(row: dict, default_lang: str | None) -> dict[str, tuple[str, list[str]]]:

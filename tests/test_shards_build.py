@@ -344,3 +344,70 @@ def test_build_vqa_rows_read_back_by_the_vqa_reader(tmp_path):
     metas = [json.loads(v) for k, v in sorted(_all_members(res.shards).items()) if k.endswith(".json")]
     assert [(x["question"], x["answers"]) for x in metas] == [
         ({"fr": "Quelle couleur ?"}, {"fr": ["rouge"]}), ({"en": "What is it?"}, {"en": ["a square", "square"]})]
+
+
+def _lang_rows(tmp_path):
+    """One row in en + ach + an unknown zzq (plus a caption with an unknown lang field), one with only
+    zzq, one in son + shs: the shape of the Tux Paint stamp rows that used to give 0 samples."""
+    d = tmp_path / "src"
+    _img(d / "a.jpg")
+    rows = [{"image": "a.jpg", "caption": "pingwin", "lang": "zzq",
+             "captions": {"en": "a penguin", "ach": "Awilo", "zzq": ["pingwin", "ping"], "DE": ""}},
+            {"image": "a.jpg", "captions": {"zzq": "nothing else"}},
+            {"image": "a.jpg", "captions": {"son": "tux", "shs": ["tux", "Tux"], "de_DE.UTF-8": "ein Pinguin"}}]
+    (d / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return d / "rows.jsonl"
+
+
+def test_unknown_language_drops_the_caption_not_the_row(tmp_path, capsys):
+    rows = _lang_rows(tmp_path)
+    res = build_from_rows(rows, tmp_path / "out")
+    m = res.manifest
+    assert m["num_samples"] == 2 and m["langs"] == {"en": 1, "ach": 1, "son": 1, "shs": 1, "de": 1}
+    assert m["captions_per_lang"]["shs"] == 2 and "zzq" not in m["langs"]
+    # one count per sample and code (caption+lang zzq and captions {zzq: [2 texts]} are one entry), as
+    # the streaming reader counts unknown_lang_caption_ignored
+    assert m["dropped_captions"] == {"unknown_lang_caption_ignored": 1}
+    assert m["dropped_caption_langs"] == {"zzq": 1}
+    assert m["dropped_caption_examples"] == [{"row": 1, "key": "000000000", "reason": "unknown_lang_caption_ignored",
+                                              "lang": "zzq"}]
+    assert [(s["row"], s["reason"]) for s in m["skipped"]] == [(2, "unknown_lang")]  # nothing usable left
+    assert m["source"]["strict_langs"] is False
+    meta = json.loads(_all_members(res.shards)["000000000.json"])
+    assert meta["captions"] == {"en": ["a penguin"], "ach": ["Awilo"]} and meta["lang"] == "en"
+    assert meta["dropped_captions"] == [{"reason": "unknown_lang_caption_ignored", "lang": "zzq",
+                                         "texts": ["pingwin", "pingwin", "ping"]}]
+    # CLI: the default keeps the row; --strict-langs skips every row with an unknown language
+    assert main(["shards", "build", str(rows), "--out", str(tmp_path / "cli")]) == 0
+    assert "dropped 1 captions, rows kept: unknown_lang_caption_ignored 1 (unknown codes: zzq 1)" in capsys.readouterr().out
+    assert main(["shards", "build", str(rows), "--out", str(tmp_path / "strict"), "--strict-langs"]) == 0
+    s = json.loads((tmp_path / "strict" / "manifest.json").read_text())
+    assert s["num_samples"] == 1 and s["langs"] == {"son": 1, "shs": 1, "de": 1} and s["dropped_captions"] == {}
+    assert [(x["row"], x["reason"]) for x in s["skipped"]] == [(1, "unknown_lang"), (2, "unknown_lang")]
+    assert "'zzq'" in s["skipped"][0]["detail"] and s["args"]["strict_langs"] is True
+
+
+def test_missing_lang_caption_is_dropped_like_the_reader(tmp_path):
+    from vlm.data_recipes.rows import RowError, parse_row
+
+    row = {"image": "a.jpg", "caption": "no language", "captions": {"fr": "une image"}}
+    plan = parse_row(row)
+    assert plan.captions == {"fr": ["une image"]}
+    assert plan.dropped == [("missing_lang_caption_ignored", "", ["no language"])]
+    with pytest.raises(RowError) as e:
+        parse_row(row, strict_langs=True)
+    assert e.value.reason == "missing_lang"
+    with pytest.raises(RowError) as e:
+        parse_row({"image": "a.jpg", "captions": {"en": 3, "zzq": "x"}})
+    assert e.value.reason == "bad_row"
+
+
+def test_reader_counts_unknown_captions_once_per_code(tmp_path):
+    """Streaming reader and build agree: one unknown_lang_caption_ignored per sample and code."""
+    from vlm.data.decode import parse_captions
+
+    notes = []
+    caps = parse_captions("pingwin", {"lang": "zzq", "captions": {"en": "a penguin", "zzq": ["pingwin", "x"],
+                                                                   "qqx": "y", "ach": "Awilo"}}, None, notes)
+    assert caps == {"en": ["a penguin"], "ach": ["Awilo"]}
+    assert notes == ["unknown_lang_caption_ignored"] * 2

@@ -244,9 +244,12 @@ def parse_captions(txt: str | None, meta: dict | None, default_lang: str | None,
                    notes: list[str]) -> dict[str, list[str]]:
     """``{lang: [caption, ...]}`` from a ``.txt`` caption and/or ``json["captions"]``.
 
-    ``json["captions"]`` keys are language codes (unknown ones are dropped and noted). The ``.txt``
-    caption's language is ``json["lang"]``, else ``default_lang``. Raises :class:`SampleSkipped` with
-    ``missing_caption`` / ``missing_lang`` / ``unknown_lang`` when nothing usable remains."""
+    ``json["captions"]`` keys are language codes (unknown ones are dropped and noted:
+    ``unknown_lang_caption_ignored`` once per distinct code of the sample, so a ``.txt`` in ``json["lang"]``
+    "x" beside ``captions`` {"x": ...} is one note; the unit ``vlm shards build`` counts in its manifest).
+    The ``.txt`` caption's language is ``json["lang"]``, else ``default_lang``. Raises
+    :class:`SampleSkipped` with ``missing_caption`` / ``missing_lang`` / ``unknown_lang`` when nothing
+    usable remains."""
     meta = meta or {}
     captions: dict[str, list[str]] = {}
     unknown: list[str] = []
@@ -260,7 +263,8 @@ def parse_captions(txt: str | None, meta: dict | None, default_lang: str | None,
             if not caps:
                 continue
             if not is_known(code):
-                unknown.append(str(code))
+                if str(code).strip() not in unknown:
+                    unknown.append(str(code).strip())
                 continue
             captions.setdefault(normalize_lang(code), []).extend(caps)
     if txt:
@@ -268,7 +272,8 @@ def parse_captions(txt: str | None, meta: dict | None, default_lang: str | None,
         if code is None or code == "":
             lang_missing = True
         elif not isinstance(code, str) or not is_known(code):
-            unknown.append(str(code))
+            if str(code).strip() not in unknown:
+                unknown.append(str(code).strip())
         else:
             lang = normalize_lang(code)
             if txt not in captions.get(lang, []):

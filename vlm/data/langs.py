@@ -1,296 +1,138 @@
-"""Language codes: one table, one canonical form.
+"""Language codes: one canonical form, backed by a maintained code library.
 
 Every language code that enters vlm (a shard's ``json["lang"]``, a key of ``json["captions"]``, a mixing
-weight, a Babel-ImageNet file key, a ``--lang`` flag) goes through :func:`normalize_lang`, so that "DE",
-"de", "de-DE", "de_DE", "deu", "ger" and "deu_Latn" are all the one code ``"de"``.
+weight, a ``--lang`` flag) goes through :func:`normalize_lang`, so that "DE", "de", "de-DE", "de_DE.UTF-8",
+"deu", "ger" and "deu_Latn" are all the one code ``"de"``.
 
-Canonical form
-    lower-case ISO 639-1 (two letters) where the language has one, else lower-case ISO 639-3 (three
-    letters: ``yue``, ``fil``, ``ceb``, ``quz`` ...).
+Library: ``langcodes`` (+ ``language_data`` for names, its ``[data]`` extra). Chosen over ``iso639-lang``,
+``python-iso639`` and ``pycountry`` because it is the only one that parses and validates full BCP-47 tags
+(language, extlang, script, region, variant, private use) against the IANA subtag registry, knows every
+ISO 639-1/2/3 code (and 639-5 collective codes such as ``son``), applies the registry's deprecations
+(``iw`` -> ``he``, ``zh-yue`` -> ``yue``, ``zh-min-nan`` -> ``nan``), carries CLDR's likely-subtags data
+(the usual script of a language, and that ``zh-TW`` is written in Traditional Han) and CLDR's English
+language and script names, and finds a code from a language *name* (used for error hints). It is pure Python
+(names: one small compiled dependency, ``marisa-trie``) and reads no file at import (names load on first use).
+
+Canonical form (what :func:`normalize_lang` returns and shards store)
+    ``language[-Script][-REGION][-variant...][-x-private]``, where
+    - ``language`` is ISO 639-1 where the language has one, else ISO 639-3 / 639-5 (``yue``, ``ach``,
+      ``son``, ``lzh``); deprecated and 639-2/B codes are replaced (``iw`` -> ``he``, ``ger`` -> ``de``);
+    - ``Script`` is kept only when it is *not* the language's usual script (CLDR likely subtags):
+      ``zh-Hans`` -> ``zh``, ``zh-Hant`` / ``zh_TW`` / ``zh-HK`` -> ``zh-Hant``, ``sr-Latn`` / ``sr@latin``
+      -> ``sr-Latn``, ``sr-Cyrl`` -> ``sr``, ``pa-PK`` -> ``pa-Arab``; the script decides tokenisation and
+      is a real difference between two caption sets, a region usually is not;
+    - the region is dropped (``pt-BR``, ``en-GB``, ``de_AT`` -> ``pt``, ``en``, ``de``), except where it
+      names a variety that has no code of its own (:data:`_REGION_KEPT`: ``nds-NL``, Dutch Low Saxon);
+    - variants and private-use subtags are kept (``be-tarask``, ``ca-valencia``, ``en-x-simple``);
+      extensions (``-u-...``, ``-t-...``) are dropped.
+    Hence the 16 demo languages (en de fr es ru uk ar fa hi mr zh ja ko el he th) and every bare ISO 639-1
+    code normalise to themselves, and ``normalize_lang(normalize_lang(x)) == normalize_lang(x)``.
 
 What :func:`normalize_lang` accepts
-    - any case, surrounding blanks;
-    - BCP-47 / POSIX tags: the first subtag is the language, region and script subtags are dropped
-      (``de-DE`` -> ``de``, ``zh-Hans`` / ``zh_TW`` -> ``zh``, ``pt-BR`` -> ``pt``, ``sr-Latn`` -> ``sr``);
-      the script a caption uses is not a property of its language code in this table;
-    - NLLB/FLORES-200 codes (``deu_Latn`` -> ``de``, ``zho_Hant`` -> ``zh``, ``ckb_Arab`` -> ``ckb``);
-    - ISO 639-3 and 639-2/T codes of languages that have a 639-1 code (``deu`` -> ``de``), the ten
-      639-2/B codes that differ (``ger``, ``fre``, ``chi``, ...), the deprecated 639-1 codes
-      still written by some tools (``iw`` -> ``he``, ``in`` -> ``id``, ``ji`` -> ``yi``, ``jw`` -> ``jv``,
-      ``mo`` -> ``ro``), and individual-language codes of NLLB whose macrolanguage is the one people
-      mean (``pes`` -> ``fa``, ``zsm`` -> ``ms``, ``cmn`` -> ``zh``, ``swh`` -> ``sw``, ...).
+    - any case, surrounding blanks, ``_`` or ``-`` as separator (upper-case Babel-ImageNet codes ``DE``);
+    - BCP-47 tags (``zh-Hant``, ``pt-BR``, ``sr-Latn``, ``ca-valencia``) and NLLB/FLORES-200 codes
+      (``deu_Latn`` -> ``de``, ``zho_Hant`` -> ``zh-Hant``);
+    - POSIX locales: the codeset is dropped and the modifier becomes a script (``@latin`` / ``@roman``,
+      ``@cyrillic``, ``@devanagari``, ``@olchiki`` ...) or a variant (``ca@valencia`` -> ``ca-valencia``);
+      ``@euro`` is dropped: ``de_DE.UTF-8`` -> ``de``, ``pt_BR.utf8`` -> ``pt``, ``sr_RS@latin`` -> ``sr-Latn``;
+    - every ISO 639-1, 639-2/T, 639-2/B and 639-3 code the registry knows (``deu``, ``ger``, ``ach``,
+      ``son``, ``shs``). With ~8,000 valid three-letter codes, a three-letter typo may be a real code:
+      the manifest's per-language counts are where such a mistake shows.
+
+Our own data (only where the library's answer is not the one vlm needs):
+    - :data:`_WIKIMEDIA`: Wikipedia/BabelNet codes of the Babel-ImageNet 298-language file that are not
+      BCP-47, mapped as MediaWiki maps them (``zh_yue`` -> ``yue``, ``zh_min_nan`` -> ``nan``,
+      ``zh_classical`` -> ``lzh``, ``be_x_old`` -> ``be-tarask``, ``nds_nl`` -> ``nds-NL``, ``bat_smg`` ->
+      ``sgs``, ``fiu_vro`` -> ``vro``, ``roa_rup`` -> ``rup``; without a standard code: ``simple`` ->
+      ``en-x-simple``, ``gmq_bot`` -> ``gmq-x-bot``), so distinct languages stay distinct. Three-letter
+      Wikipedia codes that clash with ISO 639-3 follow ISO: ``als`` is Tosk Albanian (Wikipedia's
+      Alemannic is ``gsw``), ``nrm`` is Narom (Wikipedia's Norman is ``nrf``);
+    - :data:`_KEEP`: codes CLDR merges into another language that ISO keeps apart (``tl`` Tagalog, not
+      ``fil``; ``sh`` Serbo-Croatian, not ``sr-Latn``; ``cnr`` Montenegrin, not ``sr-ME``); and ``eml``
+      (Emilian-Romagnol, retired from ISO 639-3 but used by Wikipedia);
+    - :data:`_MACRO`: NLLB individual-language codes whose macrolanguage is the one people mean
+      (``cmn`` -> ``zh``, ``pes`` -> ``fa``, ``arb`` -> ``ar``, ``zsm`` -> ``ms``, ...). CLDR's own list
+      is not used: it would merge ``kmr`` into ``ku``, ``bho`` into ``bh`` and ``quz`` into ``qu``, which
+      Babel-ImageNet and NLLB keep apart;
+    - script names: Unicode script names (``Han`` for Hans/Hant, ``Japanese``, ``Hangul``, ``Bengali``,
+      ``Oriya``, ``Canadian Aboriginal``), elsewhere CLDR's English script name (``Latin``, ``Cyrillic``,
+      ``Devanagari``...); a language without CLDR script data is ``"Unknown"`` unless listed in
+      :data:`_SCRIPT_FALLBACK`.
+
+:data:`LANGUAGES` is a catalogue (not the set of accepted codes): every ISO 639-1 language, the
+three-letter codes of multilingual datasets (NLLB, XM3600, mC4) and all Babel-ImageNet codes, canonical
+code -> :class:`Language`. It gives :func:`langs_with_script` its list and the tiny LLMs their language
+tokens; it is built on first use.
 
 An unknown code raises :class:`UnknownLanguage` (a :class:`vlm.errors.UserError`) whose message says
 what was given and suggests the nearest codes, or the code of a language *name* that was passed instead
-of a code ("German" -> "use 'de'"). Names are never accepted silently: a config holding names is a bug
-that must surface.
-
-The table holds all 184 ISO 639-1 codes (``bh`` kept for old data), the common 639-3 codes used by
-multilingual datasets (NLLB, XM3600, mC4, Wikipedia) and, checked by a test, all 93 codes of the
-Babel-ImageNet files (upper-case there: ``DE`` -> ``de``); :data:`BABEL_IMAGENET_LANGS` lists them. Each
-language has an English name and its main script (a Unicode script name: Latin, Cyrillic, Arabic,
-Devanagari, Han, Japanese (= Han + Hiragana + Katakana), Hangul, Greek, Hebrew, Thai, Bengali, ...).
-Languages written in several scripts list the most common one in current text (``sr`` Cyrillic, ``uz``
-Latin, ``pa`` Gurmukhi, ``ku`` Latin (Kurmanji); ``ckb``, Sorani, is Arabic).
-
-Nothing here reads a file at import or call time.
+of a code ("German" -> "use 'de'"). Names, garbage (``zz``, ``xx-yy-zz``) and the special codes ``und``,
+``mul``, ``mis``, ``zxx`` and ``qaa``-``qtz`` (private use) are never accepted.
 """
 from __future__ import annotations
 
 import difflib
-from typing import NamedTuple
+import functools
+import re
+from collections.abc import Mapping
+from typing import Iterator, NamedTuple
+
+import langcodes
+from langcodes.data_dicts import (DEFAULT_SCRIPTS, LANGUAGE_ALPHA3, LANGUAGE_REPLACEMENTS, LIKELY_SUBTAGS,
+                                  MACROLANGUAGES)
 
 from vlm.errors import UserError
 
 
 class UnknownLanguage(UserError):
-    """A language code not in :data:`LANGUAGES` (nor an accepted alias of one)."""
+    """A language code :func:`normalize_lang` cannot map to a language."""
 
 
 class Language(NamedTuple):
-    code: str  # canonical: ISO 639-1 if the language has one, else ISO 639-3
-    iso639_3: str
-    name: str
-    script: str
+    code: str  # canonical (module docstring)
+    iso639_3: str  # ISO 639-3 (or 639-2/5) code of the language subtag
+    name: str  # English name
+    script: str  # main script of text in this code, e.g. "Latin", "Han", "Japanese"
 
 
-# (639-1, 639-3, English name, main script) for all ISO 639-1 codes.
-_ISO639_1 = [
-    ("aa", "aar", "Afar", "Latin"),
-    ("ab", "abk", "Abkhazian", "Cyrillic"),
-    ("ae", "ave", "Avestan", "Avestan"),
-    ("af", "afr", "Afrikaans", "Latin"),
-    ("ak", "aka", "Akan", "Latin"),
-    ("am", "amh", "Amharic", "Ethiopic"),
-    ("an", "arg", "Aragonese", "Latin"),
-    ("ar", "ara", "Arabic", "Arabic"),
-    ("as", "asm", "Assamese", "Bengali"),
-    ("av", "ava", "Avaric", "Cyrillic"),
-    ("ay", "aym", "Aymara", "Latin"),
-    ("az", "aze", "Azerbaijani", "Latin"),
-    ("ba", "bak", "Bashkir", "Cyrillic"),
-    ("be", "bel", "Belarusian", "Cyrillic"),
-    ("bg", "bul", "Bulgarian", "Cyrillic"),
-    ("bh", "bih", "Bihari", "Devanagari"),
-    ("bi", "bis", "Bislama", "Latin"),
-    ("bm", "bam", "Bambara", "Latin"),
-    ("bn", "ben", "Bengali", "Bengali"),
-    ("bo", "bod", "Tibetan", "Tibetan"),
-    ("br", "bre", "Breton", "Latin"),
-    ("bs", "bos", "Bosnian", "Latin"),
-    ("ca", "cat", "Catalan", "Latin"),
-    ("ce", "che", "Chechen", "Cyrillic"),
-    ("ch", "cha", "Chamorro", "Latin"),
-    ("co", "cos", "Corsican", "Latin"),
-    ("cr", "cre", "Cree", "Canadian Aboriginal"),
-    ("cs", "ces", "Czech", "Latin"),
-    ("cu", "chu", "Church Slavonic", "Cyrillic"),
-    ("cv", "chv", "Chuvash", "Cyrillic"),
-    ("cy", "cym", "Welsh", "Latin"),
-    ("da", "dan", "Danish", "Latin"),
-    ("de", "deu", "German", "Latin"),
-    ("dv", "div", "Dhivehi", "Thaana"),
-    ("dz", "dzo", "Dzongkha", "Tibetan"),
-    ("ee", "ewe", "Ewe", "Latin"),
-    ("el", "ell", "Greek", "Greek"),
-    ("en", "eng", "English", "Latin"),
-    ("eo", "epo", "Esperanto", "Latin"),
-    ("es", "spa", "Spanish", "Latin"),
-    ("et", "est", "Estonian", "Latin"),
-    ("eu", "eus", "Basque", "Latin"),
-    ("fa", "fas", "Persian", "Arabic"),
-    ("ff", "ful", "Fulah", "Latin"),
-    ("fi", "fin", "Finnish", "Latin"),
-    ("fj", "fij", "Fijian", "Latin"),
-    ("fo", "fao", "Faroese", "Latin"),
-    ("fr", "fra", "French", "Latin"),
-    ("fy", "fry", "Western Frisian", "Latin"),
-    ("ga", "gle", "Irish", "Latin"),
-    ("gd", "gla", "Scottish Gaelic", "Latin"),
-    ("gl", "glg", "Galician", "Latin"),
-    ("gn", "grn", "Guarani", "Latin"),
-    ("gu", "guj", "Gujarati", "Gujarati"),
-    ("gv", "glv", "Manx", "Latin"),
-    ("ha", "hau", "Hausa", "Latin"),
-    ("he", "heb", "Hebrew", "Hebrew"),
-    ("hi", "hin", "Hindi", "Devanagari"),
-    ("ho", "hmo", "Hiri Motu", "Latin"),
-    ("hr", "hrv", "Croatian", "Latin"),
-    ("ht", "hat", "Haitian Creole", "Latin"),
-    ("hu", "hun", "Hungarian", "Latin"),
-    ("hy", "hye", "Armenian", "Armenian"),
-    ("hz", "her", "Herero", "Latin"),
-    ("ia", "ina", "Interlingua", "Latin"),
-    ("id", "ind", "Indonesian", "Latin"),
-    ("ie", "ile", "Interlingue", "Latin"),
-    ("ig", "ibo", "Igbo", "Latin"),
-    ("ii", "iii", "Sichuan Yi", "Yi"),
-    ("ik", "ipk", "Inupiaq", "Latin"),
-    ("io", "ido", "Ido", "Latin"),
-    ("is", "isl", "Icelandic", "Latin"),
-    ("it", "ita", "Italian", "Latin"),
-    ("iu", "iku", "Inuktitut", "Canadian Aboriginal"),
-    ("ja", "jpn", "Japanese", "Japanese"),
-    ("jv", "jav", "Javanese", "Latin"),
-    ("ka", "kat", "Georgian", "Georgian"),
-    ("kg", "kon", "Kongo", "Latin"),
-    ("ki", "kik", "Kikuyu", "Latin"),
-    ("kj", "kua", "Kuanyama", "Latin"),
-    ("kk", "kaz", "Kazakh", "Cyrillic"),
-    ("kl", "kal", "Kalaallisut", "Latin"),
-    ("km", "khm", "Khmer", "Khmer"),
-    ("kn", "kan", "Kannada", "Kannada"),
-    ("ko", "kor", "Korean", "Hangul"),
-    ("kr", "kau", "Kanuri", "Latin"),
-    ("ks", "kas", "Kashmiri", "Arabic"),
-    ("ku", "kur", "Kurdish", "Latin"),
-    ("kv", "kom", "Komi", "Cyrillic"),
-    ("kw", "cor", "Cornish", "Latin"),
-    ("ky", "kir", "Kyrgyz", "Cyrillic"),
-    ("la", "lat", "Latin", "Latin"),
-    ("lb", "ltz", "Luxembourgish", "Latin"),
-    ("lg", "lug", "Ganda", "Latin"),
-    ("li", "lim", "Limburgish", "Latin"),
-    ("ln", "lin", "Lingala", "Latin"),
-    ("lo", "lao", "Lao", "Lao"),
-    ("lt", "lit", "Lithuanian", "Latin"),
-    ("lu", "lub", "Luba-Katanga", "Latin"),
-    ("lv", "lav", "Latvian", "Latin"),
-    ("mg", "mlg", "Malagasy", "Latin"),
-    ("mh", "mah", "Marshallese", "Latin"),
-    ("mi", "mri", "Maori", "Latin"),
-    ("mk", "mkd", "Macedonian", "Cyrillic"),
-    ("ml", "mal", "Malayalam", "Malayalam"),
-    ("mn", "mon", "Mongolian", "Cyrillic"),
-    ("mr", "mar", "Marathi", "Devanagari"),
-    ("ms", "msa", "Malay", "Latin"),
-    ("mt", "mlt", "Maltese", "Latin"),
-    ("my", "mya", "Burmese", "Myanmar"),
-    ("na", "nau", "Nauru", "Latin"),
-    ("nb", "nob", "Norwegian Bokmal", "Latin"),
-    ("nd", "nde", "North Ndebele", "Latin"),
-    ("ne", "nep", "Nepali", "Devanagari"),
-    ("ng", "ndo", "Ndonga", "Latin"),
-    ("nl", "nld", "Dutch", "Latin"),
-    ("nn", "nno", "Norwegian Nynorsk", "Latin"),
-    ("no", "nor", "Norwegian", "Latin"),
-    ("nr", "nbl", "South Ndebele", "Latin"),
-    ("nv", "nav", "Navajo", "Latin"),
-    ("ny", "nya", "Chichewa", "Latin"),
-    ("oc", "oci", "Occitan", "Latin"),
-    ("oj", "oji", "Ojibwe", "Canadian Aboriginal"),
-    ("om", "orm", "Oromo", "Latin"),
-    ("or", "ori", "Odia", "Oriya"),
-    ("os", "oss", "Ossetian", "Cyrillic"),
-    ("pa", "pan", "Punjabi", "Gurmukhi"),
-    ("pi", "pli", "Pali", "Devanagari"),
-    ("pl", "pol", "Polish", "Latin"),
-    ("ps", "pus", "Pashto", "Arabic"),
-    ("pt", "por", "Portuguese", "Latin"),
-    ("qu", "que", "Quechua", "Latin"),
-    ("rm", "roh", "Romansh", "Latin"),
-    ("rn", "run", "Kirundi", "Latin"),
-    ("ro", "ron", "Romanian", "Latin"),
-    ("ru", "rus", "Russian", "Cyrillic"),
-    ("rw", "kin", "Kinyarwanda", "Latin"),
-    ("sa", "san", "Sanskrit", "Devanagari"),
-    ("sc", "srd", "Sardinian", "Latin"),
-    ("sd", "snd", "Sindhi", "Arabic"),
-    ("se", "sme", "Northern Sami", "Latin"),
-    ("sg", "sag", "Sango", "Latin"),
-    ("si", "sin", "Sinhala", "Sinhala"),
-    ("sk", "slk", "Slovak", "Latin"),
-    ("sl", "slv", "Slovenian", "Latin"),
-    ("sm", "smo", "Samoan", "Latin"),
-    ("sn", "sna", "Shona", "Latin"),
-    ("so", "som", "Somali", "Latin"),
-    ("sq", "sqi", "Albanian", "Latin"),
-    ("sr", "srp", "Serbian", "Cyrillic"),
-    ("ss", "ssw", "Swati", "Latin"),
-    ("st", "sot", "Southern Sotho", "Latin"),
-    ("su", "sun", "Sundanese", "Latin"),
-    ("sv", "swe", "Swedish", "Latin"),
-    ("sw", "swa", "Swahili", "Latin"),
-    ("ta", "tam", "Tamil", "Tamil"),
-    ("te", "tel", "Telugu", "Telugu"),
-    ("tg", "tgk", "Tajik", "Cyrillic"),
-    ("th", "tha", "Thai", "Thai"),
-    ("ti", "tir", "Tigrinya", "Ethiopic"),
-    ("tk", "tuk", "Turkmen", "Latin"),
-    ("tl", "tgl", "Tagalog", "Latin"),
-    ("tn", "tsn", "Tswana", "Latin"),
-    ("to", "ton", "Tongan", "Latin"),
-    ("tr", "tur", "Turkish", "Latin"),
-    ("ts", "tso", "Tsonga", "Latin"),
-    ("tt", "tat", "Tatar", "Cyrillic"),
-    ("tw", "twi", "Twi", "Latin"),
-    ("ty", "tah", "Tahitian", "Latin"),
-    ("ug", "uig", "Uyghur", "Arabic"),
-    ("uk", "ukr", "Ukrainian", "Cyrillic"),
-    ("ur", "urd", "Urdu", "Arabic"),
-    ("uz", "uzb", "Uzbek", "Latin"),
-    ("ve", "ven", "Venda", "Latin"),
-    ("vi", "vie", "Vietnamese", "Latin"),
-    ("vo", "vol", "Volapuk", "Latin"),
-    ("wa", "wln", "Walloon", "Latin"),
-    ("wo", "wol", "Wolof", "Latin"),
-    ("xh", "xho", "Xhosa", "Latin"),
-    ("yi", "yid", "Yiddish", "Hebrew"),
-    ("yo", "yor", "Yoruba", "Latin"),
-    ("za", "zha", "Zhuang", "Latin"),
-    ("zh", "zho", "Chinese", "Han"),
-    ("zu", "zul", "Zulu", "Latin"),
-]
-
-# Languages without a 639-1 code that multilingual datasets use: (639-3, name, main script).
-_ISO639_3_ONLY = [
-    ("ace", "Acehnese", "Latin"), ("acm", "Mesopotamian Arabic", "Arabic"),
-    ("aeb", "Tunisian Arabic", "Arabic"), ("als", "Tosk Albanian", "Latin"),
-    ("apc", "Levantine Arabic", "Arabic"), ("ars", "Najdi Arabic", "Arabic"),
-    ("ary", "Moroccan Arabic", "Arabic"), ("arz", "Egyptian Arabic", "Arabic"),
-    ("ast", "Asturian", "Latin"), ("awa", "Awadhi", "Devanagari"), ("azb", "South Azerbaijani", "Arabic"),
-    ("ban", "Balinese", "Latin"), ("bem", "Bemba", "Latin"), ("bho", "Bhojpuri", "Devanagari"),
-    ("bjn", "Banjar", "Latin"), ("brx", "Bodo", "Devanagari"), ("bug", "Buginese", "Latin"),
-    ("ceb", "Cebuano", "Latin"), ("ckb", "Central Kurdish", "Arabic"), ("crh", "Crimean Tatar", "Latin"),
-    ("dik", "Dinka", "Latin"), ("doi", "Dogri", "Devanagari"), ("dsb", "Lower Sorbian", "Latin"),
-    ("dyu", "Dyula", "Latin"), ("fil", "Filipino", "Latin"), ("fon", "Fon", "Latin"),
-    ("fur", "Friulian", "Latin"), ("gom", "Goan Konkani", "Devanagari"), ("hak", "Hakka Chinese", "Han"),
-    ("haw", "Hawaiian", "Latin"), ("hmn", "Hmong", "Latin"), ("hne", "Chhattisgarhi", "Devanagari"),
-    ("hsb", "Upper Sorbian", "Latin"), ("ilo", "Ilocano", "Latin"), ("kab", "Kabyle", "Latin"),
-    ("kac", "Jingpho", "Latin"), ("kam", "Kamba", "Latin"), ("kbp", "Kabiye", "Latin"),
-    ("kea", "Kabuverdianu", "Latin"), ("kmb", "Kimbundu", "Latin"), ("kmr", "Northern Kurdish", "Latin"),
-    ("knc", "Central Kanuri", "Arabic"), ("kok", "Konkani", "Devanagari"), ("lij", "Ligurian", "Latin"),
-    ("lmo", "Lombard", "Latin"), ("ltg", "Latgalian", "Latin"), ("lua", "Luba-Lulua", "Latin"),
-    ("luo", "Luo", "Latin"), ("lus", "Mizo", "Latin"), ("mag", "Magahi", "Devanagari"),
-    ("mai", "Maithili", "Devanagari"), ("min", "Minangkabau", "Latin"), ("mni", "Manipuri", "Bengali"),
-    ("mos", "Mossi", "Latin"), ("nan", "Min Nan Chinese", "Han"), ("nds", "Low German", "Latin"),
-    ("nso", "Northern Sotho", "Latin"), ("nus", "Nuer", "Latin"), ("pag", "Pangasinan", "Latin"),
-    ("pam", "Pampanga", "Latin"), ("pap", "Papiamento", "Latin"), ("prs", "Dari", "Arabic"),
-    ("quy", "Ayacucho Quechua", "Latin"), ("quz", "Cusco Quechua", "Latin"), ("sah", "Yakut", "Cyrillic"),
-    ("sat", "Santali", "Ol Chiki"), ("scn", "Sicilian", "Latin"), ("shn", "Shan", "Myanmar"),
-    ("szl", "Silesian", "Latin"), ("taq", "Tamasheq", "Latin"), ("tet", "Tetum", "Latin"),
-    ("tpi", "Tok Pisin", "Latin"), ("tum", "Tumbuka", "Latin"), ("tzm", "Central Atlas Tamazight", "Tifinagh"),
-    ("udm", "Udmurt", "Cyrillic"), ("umb", "Umbundu", "Latin"), ("vec", "Venetian", "Latin"),
-    ("war", "Waray", "Latin"), ("wuu", "Wu Chinese", "Han"), ("yue", "Cantonese", "Han"),
-    ("zgh", "Standard Moroccan Tamazight", "Tifinagh"),
-]
-
-# Other spellings -> canonical code: 639-2/B codes, deprecated 639-1 codes, and NLLB individual-language
-# codes whose macrolanguage carries the 639-1 code.
-_ALIASES = {
-    # ISO 639-2/B (bibliographic) codes that differ from 639-2/T
-    "alb": "sq", "arm": "hy", "baq": "eu", "bur": "my", "chi": "zh", "cze": "cs", "dut": "nl", "fre": "fr",
-    "geo": "ka", "ger": "de", "gre": "el", "ice": "is", "mac": "mk", "mao": "mi", "may": "ms", "per": "fa",
-    "rum": "ro", "slo": "sk", "tib": "bo", "wel": "cy",
-    # deprecated ISO 639-1 codes still emitted by some tools (e.g. Google's "iw")
-    "iw": "he", "in": "id", "ji": "yi", "jw": "jv", "mo": "ro",
-    # individual languages (NLLB/FLORES-200) -> their macrolanguage's 639-1 code
-    "azj": "az", "cmn": "zh", "ekk": "et", "gaz": "om", "khk": "mn", "lvs": "lv", "npi": "ne", "ory": "or",
-    "pbt": "ps", "pes": "fa", "plt": "mg", "swh": "sw", "uzn": "uz", "ydd": "yi", "zsm": "ms",
-    "nob": "nb", "nno": "nn",
+_WIKIMEDIA = {
+    "zh-yue": "yue", "zh-min-nan": "nan", "zh-classical": "lzh", "be-x-old": "be-tarask", "nds-nl": "nds-NL",
+    "bat-smg": "sgs", "fiu-vro": "vro", "roa-rup": "rup", "cbk-zam": "cbk", "map-bms": "jv-x-bms",
+    "roa-tara": "nap-x-tara", "simple": "en-x-simple", "gmq-bot": "gmq-x-bot",
 }
+_KEEP = {"tl": "tl", "tgl": "tl", "sh": "sh", "hbs": "sh", "eml": "eml"}
+_MACRO = {
+    "arb": "ar", "azj": "az", "cmn": "zh", "ekk": "et", "gaz": "om", "khk": "mn", "lvs": "lv", "npi": "ne",
+    "ory": "or", "pbt": "ps", "pes": "fa", "plt": "mg", "swh": "sw", "uzn": "uz", "ydd": "yi", "zsm": "ms",
+}
+_REGION_KEPT = {"nds-NL"}
+_SPECIAL = {"und", "mul", "mis", "zxx"}
+_POSIX_SCRIPTS = {"latin": "Latn", "roman": "Latn", "cyrillic": "Cyrl", "devanagari": "Deva", "arabic": "Arab",
+                  "olchiki": "Olck", "meiteimayek": "Mtei", "bengali": "Beng", "hebrew": "Hebr"}
+_POSIX_DROPPED = {"euro"}
+# names and scripts CLDR lacks or words differently (ISO 15924 codes)
+_NAMES = {"tl": "Tagalog", "sh": "Serbo-Croatian", "cnr": "Montenegrin", "eml": "Emilian-Romagnol",
+          "be-tarask": "Belarusian (Taraskievica)", "nds-NL": "Dutch Low Saxon", "en-x-simple": "Simple English",
+          "gmq-x-bot": "Westrobothnian", "jv-x-bms": "Banyumasan", "nap-x-tara": "Tarantino",
+          "ca-valencia": "Valencian"}
+_SCRIPT_FALLBACK = {
+    "sh": "Latn", "cnr": "Latn", "eml": "Latn", "azb": "Arab", "ie": "Latn", "pi": "Deva", "oj": "Cans",
+    "hmn": "Latn", "lus": "Latn", "dik": "Latn", "prs": "Arab", "swc": "Latn", "son": "Latn", "shs": "Latn",
+    "rup": "Latn", "nrf": "Latn",
+    "gmq": "Latn", "bh": "Deva", "nah": "Latn", "arc": "Syrc", "ang": "Latn", "enm": "Latn", "fro": "Latn",
+    "non": "Runr", "orv": "Cyrl", "ota": "Arab", "dlm": "Latn", "ccc": "Latn", "mnc": "Mong", "mic": "Latn",
+    "nci": "Latn", "lzz": "Latn", "syc": "Syrc", "khb": "Talu", "kxd": "Latn", "ovd": "Latn", "mel": "Latn",
+    "sne": "Latn", "zdj": "Arab", "gmq-x-bot": "Latn", "pdt": "Latn", "dng": "Cyrl", "hrx": "Latn",
+    "acw": "Arab", "afb": "Arab", "aii": "Syrc", "chy": "Latn", "frp": "Latn", "ltg": "Latn", "olo": "Latn",
+    "bxr": "Cyrl", "srn": "Latn", "sva": "Geor", "sms": "Latn", "smj": "Latn", "uga": "Ugar", "rmy": "Latn",
+    "mhr": "Cyrl", "kum": "Cyrl", "lbe": "Cyrl", "tcy": "Knda", "xal": "Cyrl", "yua": "Latn",
+    "din": "Latn", "cbk": "Latn", "mwl": "Latn", "nog": "Cyrl", "nov": "Latn", "nrm": "Latn",
+}
+_SCRIPT_NAMES = {"Hans": "Han", "Hant": "Han", "Hani": "Han", "Jpan": "Japanese", "Kore": "Hangul",
+                 "Beng": "Bengali", "Orya": "Oriya", "Cans": "Canadian Aboriginal", "Zyyy": "Common"}
+_POSIX_RE = re.compile(r"^([^.@]+)(?:\.[^@]*)?(?:@(.+))?$")
 
-# The 93 language codes of the Babel-ImageNet files (upper-case there), lower-cased.
+# The 93 language codes of the bundled Babel-ImageNet file (upper-case there), lower-cased.
 BABEL_IMAGENET_LANGS: tuple[str, ...] = (
     "af", "am", "ar", "as", "az", "be", "bg", "bn", "br", "bs", "ca", "cs", "cy", "da", "de", "el", "en",
     "eo", "es", "et", "eu", "fa", "fi", "fr", "fy", "ga", "gd", "gl", "gu", "ha", "he", "hi", "hr", "hu",
@@ -299,34 +141,107 @@ BABEL_IMAGENET_LANGS: tuple[str, ...] = (
     "ru", "sa", "sd", "si", "sk", "sl", "so", "sq", "sr", "su", "sv", "sw", "ta", "te", "th", "tl", "tr",
     "ug", "uk", "ur", "uz", "vi", "xh", "yi", "zh",
 )
+# The 298 codes of the full Babel-ImageNet file (babel_imagenet-298.json), as written there.
+BABEL_IMAGENET_298: tuple[str, ...] = tuple("""
+AB ACW ADY AF AFB AII AK ALS ALT AM AN ANG AR ARC ARY ARZ AS AST AV AY AZ AZB BA BAN BAR BAT_SMG BCL BE
+BE_X_OLD BG BH BHO BJN BM BN BO BR BS BXR CA CCC CDO CE CEB CHR CHY CKB CO CR CRH CS CSB CU CV CY DA DE DIN
+DIQ DLM DNG DSB DV DZ EE EL EML EN ENM EO ES ET EU EXT FA FI FIU_VRO FJ FO FR FRO FRP FRR FUR FY GA GAN GD GL
+GMQ_BOT GN GOT GRC GU GV HA HAK HAW HE HI HR HRX HSB HT HU HY IA ID IG IK ILO INH IO IS IT IU JA JAM JBO JV
+KA KAA KAB KBD KG KHB KI KK KL KM KMR KN KO KOI KRC KS KSH KU KUM KV KW KXD KY LA LAD LB LBE LEZ LG LI LIJ
+LMO LN LO LT LTG LV LZZ MAI MDF MEL MG MHR MI MIC MIN MK ML MN MNC MNW MR MRJ MS MT MWL MY MYV MZN NAH NAP
+NCI NDS NDS_NL NE NEW NL NN NO NOG NON NOV NRM NSO NV NY OC OJ OLO OM OR ORV OS OTA OVD PA PAM PAP PCD PDC
+PDT PL PMS PNB PS PT QU RM RMY RO ROA_RUP RU RUE SA SAH SAT SC SCN SCO SD SE SH SHI SHN SI SIMPLE SK SL SM
+SMJ SMN SMS SN SNE SO SQ SR SRN ST STQ SU SV SVA SW SYC SZL TA TCY TE TG TH TI TK TL TN TO TPI TR TT TYV
+UDM UG UGA UK UR UZ VEC VEP VI VLS VO WA WAR WO WUU XAL XH XMF YI YO YUA ZA ZDJ ZH ZH_CLASSICAL ZH_MIN_NAN
+ZH_YUE ZU""".split())
+# Three-letter codes used by multilingual datasets (NLLB/FLORES-200, XM3600, mC4) for the catalogue.
+_DATASET_CODES = """
+ace acm aeb als apc ars ary arz ast awa azb ban bem bho bjn brx bug ceb ckb crh dik doi dsb dyu fil fon fur
+gom hak haw hmn hne hsb ilo kab kac kam kbp kea kmb kmr knc kok lij lmo ltg lua luo lus mag mai min mni mos
+nan nds nso nus pag pam pap prs quy quz sah sat scn shn szl taq tet tpi tum tzm udm umb vec war wuu yue zgh
+""".split()
 
-LANGUAGES: dict[str, Language] = {c: Language(c, c3, n, s) for c, c3, n, s in _ISO639_1}
-LANGUAGES.update({c3: Language(c3, c3, n, s) for c3, n, s in _ISO639_3_ONLY})
 
-# every accepted spelling (lower-case) -> canonical code
-_LOOKUP: dict[str, str] = {c: c for c in LANGUAGES}
-_LOOKUP.update({lang.iso639_3: c for c, lang in LANGUAGES.items()})
-_LOOKUP.update(_ALIASES)
-_BY_NAME: dict[str, str] = {lang.name.lower(): c for c, lang in LANGUAGES.items()}
+def _default_script(lang: str) -> str | None:
+    """ISO 15924 code of the usual script of a bare language subtag: CLDR's likely subtags, ours
+    (:data:`_SCRIPT_FALLBACK`), the registry's Suppress-Script, then the macrolanguage's; else None."""
+    for source in (LIKELY_SUBTAGS.get(lang), _SCRIPT_FALLBACK.get(lang), DEFAULT_SCRIPTS.get(lang),
+                   LIKELY_SUBTAGS.get(MACROLANGUAGES.get(lang, ""))):
+        if source:
+            return source.split("-")[1] if "-" in source else source
+    return None
 
-SCRIPTS: tuple[str, ...] = tuple(sorted({lang.script for lang in LANGUAGES.values()}))
+
+def _parse(code: str) -> langcodes.Language | None:
+    """``code`` -> a BCP-47 tag with vlm's substitutions applied (before CLDR's), or None if unparsable."""
+    m = _POSIX_RE.match(code.strip())
+    if not m:
+        return None
+    base, modifier = m.group(1).replace("_", "-").lower(), (m.group(2) or "").lower()
+    parts = base.split("-")
+    for n in (3, 2, 1):  # Wikimedia codes, also with more subtags after them ("zh-yue-hk")
+        if "-".join(parts[:n]) in _WIKIMEDIA:
+            parts = _WIKIMEDIA["-".join(parts[:n])].lower().split("-") + parts[n:]
+            break
+    script = None
+    if modifier in _POSIX_SCRIPTS:
+        script = _POSIX_SCRIPTS[modifier]
+    elif modifier and modifier not in _POSIX_DROPPED:
+        parts.append(modifier)  # a variant (ca@valencia); the registry decides whether it exists
+    keep = _KEEP.get(parts[0])
+    if keep is None and "-" in LANGUAGE_REPLACEMENTS.get(parts[0], ""):
+        keep = parts[0]  # CLDR would make it a region of another language (prs -> fa-AF, cnr -> sr-ME)
+    try:
+        if keep:
+            raw = langcodes.Language.get("-".join(["und"] + parts[1:]), normalize=False)
+            tag = langcodes.Language.make(language=keep, script=raw.script, territory=raw.territory,
+                                          variants=raw.variants, private=raw.private)
+        else:
+            tag = langcodes.Language.get("-".join(parts), normalize=True)
+    except (langcodes.LanguageTagError, ValueError):
+        return None
+    if script and not tag.script:
+        tag = langcodes.Language.make(language=tag.language, script=script, territory=tag.territory,
+                                      variants=tag.variants, private=tag.private)
+    return tag
 
 
-def _lookup(code: str) -> str | None:
-    key = code.strip().lower().replace("_", "-")
-    if key in _LOOKUP:
-        return _LOOKUP[key]
-    head = key.split("-", 1)[0]  # BCP-47 "de-de", "zh-hans"; NLLB "deu-latn"
-    return _LOOKUP.get(head) if head else None
+@functools.lru_cache(maxsize=8192)
+def _canonical(code: str) -> str | None:
+    tag = _parse(code)
+    if tag is None or not tag.language or tag.extlangs:
+        return None
+    lang = _MACRO.get(tag.language, tag.language)
+    if not re.fullmatch(r"[a-z]{2,3}", lang) or lang in _SPECIAL or re.fullmatch(r"q[a-t][a-z]", lang):
+        return None  # "x-foo" parses as a language; und/mul/mis/zxx and qaa-qtz name no language
+    if tag.script and re.fullmatch(r"Qa[a-b][a-x]", tag.script):
+        return None  # private-use scripts
+    if lang not in _KEEP.values():
+        probe = langcodes.Language.make(language=lang, script=tag.script, territory=tag.territory,
+                                        variants=tag.variants)
+        if not probe.is_valid() or not langcodes.Language.make(language=lang).is_valid():
+            return None
+    default = _default_script(lang)
+    script = tag.script
+    if script is None and tag.territory and lang in LIKELY_SUBTAGS:
+        script = langcodes.Language.make(language=lang, territory=tag.territory).maximize().script
+    out = [lang]
+    if script and script != default:
+        out.append(script)
+    if tag.territory and f"{lang}-{tag.territory}" in _REGION_KEPT:
+        out.append(tag.territory)
+    out += [v.lower() for v in tag.variants or ()]
+    if tag.private:
+        out.append(tag.private.lower())
+    return "-".join(out)
 
 
 def normalize_lang(code: str) -> str:
-    """Canonical lower-case code of ``code`` ("DE", "de-DE", "zh-Hans", "deu_Latn", "ger" -> ...).
-
-    Raises :class:`UnknownLanguage` naming the code, with the nearest known codes as a hint."""
+    """Canonical code of ``code`` ("DE", "de-DE", "de_DE.UTF-8", "deu_Latn", "ger" -> "de"; "zh_TW" ->
+    "zh-Hant"; "zh_yue" -> "yue"). Raises :class:`UnknownLanguage` naming the code, with a hint."""
     if not isinstance(code, str):
         raise UnknownLanguage(f"language code must be a string, got {type(code).__name__} {code!r}")
-    found = _lookup(code)
+    found = _canonical(code)
     if found is not None:
         return found
     raise UnknownLanguage(f"unknown language code {code!r}; {_hint(code)}")
@@ -334,41 +249,98 @@ def normalize_lang(code: str) -> str:
 
 def is_known(code: str) -> bool:
     """True if :func:`normalize_lang` accepts ``code``."""
-    return isinstance(code, str) and _lookup(code) is not None
+    return isinstance(code, str) and _canonical(code) is not None
 
 
-def script_of(code: str) -> str:
-    """Main script of the language (e.g. "Latin", "Cyrillic", "Han", "Devanagari")."""
-    return LANGUAGES[normalize_lang(code)].script
+@functools.lru_cache(maxsize=4096)
+def _info(canon: str) -> Language:
+    tag = langcodes.Language.get(canon, normalize=False)
+    lang = tag.language
+    script = tag.script or _SCRIPT_FALLBACK.get(canon) or _default_script(lang)
+    name = _NAMES.get(canon)
+    if name is None and lang in _NAMES:
+        name = _NAMES[lang] + (f" ({_script_name(tag.script)})" if tag.script else "")
+    elif name is None:  # CLDR's: "Chinese (Traditional)", "Serbian (Latin)", "German (1901)"
+        name = langcodes.Language.make(language=lang, script=tag.script, territory=tag.territory,
+                                       variants=tag.variants).display_name()
+    iso3 = {"sh": "hbs"}.get(lang) or LANGUAGE_ALPHA3.get(lang, lang)
+    return Language(canon, iso3, name, _script_name(script) if script else "Unknown")
 
 
-def lang_name(code: str) -> str:
-    """English name of the language ("de" -> "German")."""
-    return LANGUAGES[normalize_lang(code)].name
+def _script_name(code: str) -> str:
+    if code in _SCRIPT_NAMES:
+        return _SCRIPT_NAMES[code]
+    return langcodes.Language.make(script=code).script_name()
 
 
 def lang_info(code: str) -> Language:
-    """The table row: ``Language(code, iso639_3, name, script)``."""
-    return LANGUAGES[normalize_lang(code)]
+    """``Language(code, iso639_3, name, script)`` of ``code`` (normalised first)."""
+    return _info(normalize_lang(code))
+
+
+def script_of(code: str) -> str:
+    """Main script of text in this code ("Latin", "Cyrillic", "Han", "Japanese", "Devanagari"...;
+    "Unknown" where CLDR has no data for the language)."""
+    return lang_info(code).script
+
+
+def lang_name(code: str) -> str:
+    """English name of the language ("de" -> "German", "zh-Hant" -> "Chinese (Traditional)")."""
+    return lang_info(code).name
+
+
+class _Catalogue(Mapping):
+    """:data:`LANGUAGES`: canonical code -> :class:`Language`, built on first use (module docstring)."""
+
+    def __init__(self):
+        self._data: dict[str, Language] | None = None
+
+    def _load(self) -> dict[str, Language]:
+        if self._data is None:
+            deprecated = {"in", "iw", "ji", "jw", "mo"}
+            codes = [c for c in LANGUAGE_ALPHA3 if c not in deprecated] + _DATASET_CODES
+            codes += [c.lower() for c in BABEL_IMAGENET_298] + list(_WIKIMEDIA.values())
+            canon = sorted({normalize_lang(c) for c in codes})
+            self._data = {c: _info(c) for c in canon}
+        return self._data
+
+    def __getitem__(self, code: str) -> Language:
+        return self._load()[code]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+LANGUAGES: Mapping[str, Language] = _Catalogue()
+
+
+def scripts() -> tuple[str, ...]:
+    """The script names used by the catalogue, sorted."""
+    return tuple(sorted({lang.script for lang in LANGUAGES.values()}))
 
 
 def langs_with_script(script: str) -> list[str]:
-    """Canonical codes whose main script is ``script`` (case-insensitive), sorted."""
+    """Catalogue codes (:data:`LANGUAGES`) whose main script is ``script`` (case-insensitive), sorted."""
     want = script.strip().lower()
     out = sorted(c for c, lang in LANGUAGES.items() if lang.script.lower() == want)
     if not out:
-        raise UnknownLanguage(f"unknown script {script!r}; known scripts: {', '.join(SCRIPTS)}")
+        raise UnknownLanguage(f"unknown script {script!r}; known scripts: {', '.join(scripts())}")
     return out
 
 
 def _hint(code: str) -> str:
-    key = code.strip().lower()
-    if key in _BY_NAME:
-        return f"{code!r} is a language name: use its code {_BY_NAME[key]!r}"
-    near = difflib.get_close_matches(key, list(_LOOKUP), n=3, cutoff=0.6)
-    near_names = difflib.get_close_matches(key, list(_BY_NAME), n=2, cutoff=0.75)
-    tips = [f"{_LOOKUP[n]!r} ({LANGUAGES[_LOOKUP[n]].name})" for n in near]
-    tips += [f"{_BY_NAME[n]!r} ({LANGUAGES[_BY_NAME[n]].name})" for n in near_names]
-    tips = list(dict.fromkeys(tips))
-    base = "use an ISO 639-1 code (e.g. 'de') or ISO 639-3 code (e.g. 'yue'); see vlm.data.langs.LANGUAGES"
+    key = code.strip()
+    base = ("use an ISO 639 code (e.g. 'de', 'deu', 'yue') or a BCP-47 tag (e.g. 'pt-BR', 'zh-Hant', "
+            "'sr-Latn'); see vlm.data.langs")
+    if len(key) > 3 and key.isalpha():
+        try:
+            found = normalize_lang(str(langcodes.find(key)))
+            return f"{code!r} is a language name: use its code {found!r}"
+        except (LookupError, UserError, langcodes.LanguageTagError):
+            pass
+    near = difflib.get_close_matches(key.lower().replace("_", "-"), list(LANGUAGES), n=3, cutoff=0.6)
+    tips = [f"{c!r} ({LANGUAGES[c].name})" for c in near]
     return (f"did you mean {', '.join(tips)}? " if tips else "") + base
