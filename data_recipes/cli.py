@@ -2,6 +2,7 @@
 
 Sub-commands (each in its own module; this file only parses arguments and prints):
     build    rows file (.jsonl/.csv/.tsv) or image folder -> shards + manifest.json   (data_recipes.build)
+             benchmarks (xm3600...), parquet/arrow tables, img2dataset folders      (data_recipes.sources)
     inspect  counts per language / member type, sizes, examples of a shard set     (data_recipes.inspect)
     demo     the embedded multilingual demo dataset, drawn by code                 (data_recipes.demo)
 Heavy imports (PIL, webdataset, numpy) happen inside ``run`` so ``vlm --help`` stays fast.
@@ -40,6 +41,9 @@ examples:
   vlm shards build rows.csv --out shards/ --lang de --max-size 500MB --resize 512
   vlm shards build vqa.jsonl --out vqa_shards/
   vlm shards build photos_by_class/ --out shards/ --lang fr --shuffle-seed 0
+  vlm shards build --format xm3600 --annotations captions.jsonl --images xm3600/images --out shards/
+  vlm shards build laion.parquet --out shards/ --url-col image_path --lang en   (HF image structs: bytes used)
+  vlm shards build img2dataset_out/ --out shards/ --lang-col language           (re-shards its tars, validated)
 """
 
 INSPECT_EPILOG = """\
@@ -75,7 +79,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Write a webdataset shard set (img2dataset layout: {key}.jpg|png|webp,\n"
                        "{key}.txt, {key}.json) from a rows file or an image folder, with a manifest.json.",
                        epilog=BUILD_EPILOG)
-    b.add_argument("source", help="rows file (.jsonl, .csv, .tsv) or image folder (one sub-folder per class)")
+    b.add_argument("source", nargs="?", default=None, help="rows file (.jsonl, .csv, .tsv), image folder (one "
+                   "sub-folder per class), parquet/arrow table(s) or an img2dataset output folder")
+    b.add_argument("--format", choices=("xm3600", "xtd10", "multi30k", "xflickrco", "table", "img2dataset"),
+                   default=None, help="a retrieval benchmark in its published files (with --annotations and "
+                   "--images), or force the table / img2dataset reading of SOURCE (data_recipes.sources)")
+    b.add_argument("--annotations", default=None, metavar="PATH", help="with a benchmark --format: its files")
+    b.add_argument("--images", default=None, metavar="DIR", help="with a benchmark --format: its image folder")
+    b.add_argument("--image-list", default=None, metavar="FILE", help="xtd10/multi30k: the image list the "
+                   "caption lines align with (default: found beside them)")
+    b.add_argument("--url-col", default=None, help="tables: image column, a local path, or a URL with "
+                   "embedded bytes (default url, else image_path/image/path/file_name)")
+    b.add_argument("--caption-col", default=None, help="tables/img2dataset: caption column (default caption)")
+    b.add_argument("--lang-col", default=None, help="tables/img2dataset: language column (default lang)")
     b.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards and manifest.json")
     b.add_argument("--prefix", default="shard", help="shard file prefix: DIR/PREFIX-000000.tar (default: shard)")
     b.add_argument("--max-count", "--shard-size", dest="max_count", type=int, default=10_000, metavar="N",
@@ -160,8 +176,13 @@ def _run_build(args) -> int:
                 resize_mode=args.resize_mode, quality=args.quality, shuffle_seed=args.shuffle_seed,
                 overwrite=args.overwrite, log=None if args.quiet else print,
                 args={k: v for k, v in vars(args).items() if not k.startswith("_")})
-    src = Path(args.source)
-    if src.is_dir():
+    from vlm.data_recipes import sources
+
+    kind = sources.source_kind(args)  # benchmarks, tables, img2dataset folders; None: rows file / class folder
+    src = Path(args.source) if kind is None else None
+    if kind is not None:
+        result = sources.build_from_args(kind, args, strict_langs=getattr(args, "strict_langs", False), **opts)
+    elif src.is_dir():
         result = build.build_from_folder(src, args.out, lang=args.lang or "en", **opts)
     else:
         result = build.build_from_rows(src, args.out, lang=args.lang, strict_langs=args.strict_langs, **opts)

@@ -11,7 +11,10 @@ under ``--name`` (default: the task, plus the mode for zero-shot) and prints the
   embeddings are cached in ``--cache-dir`` (default ``{out}/text_cache``), keyed by a fingerprint of the
   model files.
 * ``retrieval``: per-language image<->text Recall@1/5/10 over shards whose ``.json`` holds
-  ``captions`` {lang: [...]}; one pass of the loader embeds the images and collects their captions.
+  ``captions`` {lang: [...]}; one pass of the loader embeds the images and collects their captions. Or
+  ``--format xm3600|xtd10|multi30k|xflickrco --annotations PATH --images DIR``: a benchmark in its
+  published files (``eval.benchmark_formats``), each image embedded once, the same report.
+
 
 Every shard path goes through the training loader (``vlm.data.wds.make_loader`` via ``eval.shards``:
 workers, no shuffle, every sample once, bad samples skipped and counted in the report's ``skipped``).
@@ -38,6 +41,7 @@ EPILOG = """examples:
   vlm eval zeroshot --model M --image-folder imagenet/val --labels babel_imagenet-93.json \\
       --prompts prompts-nllb-90.json --langs de,zh,hi --mode en
   vlm eval retrieval --model runs/demo/final --shards 'demo/val/*.tar' --langs en,de,zh
+  vlm eval retrieval --model M --format xm3600 --annotations xm3600/captions.jsonl --images xm3600/images
   vlm eval caption --predictions captions.jsonl      (rows {id, lang, prediction, references: [...]})
   vlm eval vqa --predictions answers.jsonl           (rows {id, lang, prediction, answers: [...]})
   vlm eval caption --model runs/vllm/final --shards 'demo/val/*.tar' --langs en,de,zh --limit 100
@@ -81,7 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     r = sub.add_parser("retrieval", help="image<->text Recall@1/5/10 per language")
     common(r)
-    r.add_argument("--shards", required=True, help="shards whose .json has captions {lang: [...]}")
+    r.add_argument("--shards", default=None, help="shards whose .json has captions {lang: [...]} (or --format)")
+    r.add_argument("--format", choices=("xm3600", "xtd10", "multi30k", "xflickrco"), default=None,
+                   help="instead of --shards: a benchmark in its published format (eval.benchmark_formats)")
+    r.add_argument("--annotations", default=None, metavar="PATH",
+                   help="with --format: the published annotation file or folder")
+    r.add_argument("--images", dest="image_dir", default=None, metavar="DIR",
+                   help="with --format: the folder of its images")
+    r.add_argument("--image-list", default=None, metavar="FILE",
+                   help="with --format xtd10/multi30k: the image list the caption lines align with (default: found "
+                        "beside them)")
     r.add_argument("--langs", default=None, help="comma-separated languages (default: all in the data)")
 
     for task, fields in (("caption", "{id, lang, prediction, references: [...]}"),
@@ -234,6 +247,8 @@ def run_retrieval(args) -> int:
     from vlm.eval.retrieval import captions_of, evaluate_retrieval
     from vlm.eval.zeroshot import embed_images, make_text_encoder, model_fingerprint
 
+    if args.format or not args.shards:
+        return run_retrieval_benchmark(args)
     model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
     stream = _shard_batches(args.shards, model, args)
     bf16 = args.precision == "bf16"
@@ -258,6 +273,43 @@ def run_retrieval(args) -> int:
                      data=args.shards, n_images=len(uniq), skipped=dict(getattr(stream, "skipped", {}) or {}),
                      precision=args.precision)
     return _finish(res, args, "retrieval", meta)
+
+
+def run_retrieval_benchmark(args) -> int:
+    """``vlm eval retrieval --format F --annotations PATH --images DIR``: a benchmark in its published format
+    (``eval.benchmark_formats``, read before the model loads), each image embedded once, the report of
+    ``--shards`` (named ``retrieval-F``; images the annotations name but DIR lacks are counted as skipped
+    ``missing_image`` and warned about)."""
+    if args.shards and args.format:
+        raise UserError("give either --shards or --format with --annotations and --images, not both")
+    if not args.format:
+        raise UserError("vlm eval retrieval needs --shards SPEC, or --format xm3600|xtd10|multi30k|xflickrco "
+                        "--annotations PATH --images DIR")
+    from vlm.data.decode import SkipStats
+    from vlm.eval.benchmark_formats import image_batches, read_benchmark
+    from vlm.eval.retrieval import evaluate_retrieval
+    from vlm.eval.zeroshot import embed_images, make_text_encoder, model_fingerprint
+
+    items = read_benchmark(args.format, args.annotations, args.image_dir, image_list=args.image_list)
+    model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
+    bf16 = args.precision == "bf16"
+    stats = SkipStats(where=f"eval/{args.format}")
+    batches = image_batches(items, model.image_preprocess, args.batch_size, args.workers, stats)
+    emb, idx, _ = embed_images(model, batches, args.device, not args.no_progress,
+                               total=-(-len(items) // args.batch_size), bf16=bf16)
+    res = evaluate_retrieval(emb, [items[i]["captions"] for i in idx.tolist()],
+                             make_text_encoder(model, args.device, args.text_batch_size, bf16),
+                             langs=_langs(args.langs), text_batch_size=args.text_batch_size,
+                             progress=not args.no_progress)
+    skipped = stats.as_dict()
+    if items.missing:
+        skipped["missing_image"] = skipped.get("missing_image", 0) + len(items.missing)
+        res["warnings"].append(f"{len(items.missing)} images named by the annotations are not in {args.image_dir} "
+                               f"(e.g. {items.missing[0]}); left out of every language")
+    meta = _metadata(args, model=os.path.abspath(args.model), model_id=model_fingerprint(args.model),
+                     data=os.path.abspath(args.annotations), images=os.path.abspath(args.image_dir),
+                     format=args.format, n_images=int(emb.shape[0]), skipped=skipped, precision=args.precision)
+    return _finish(res, args, f"retrieval-{args.format}", meta)
 
 
 def run_metrics(args) -> int:

@@ -21,6 +21,17 @@ parser of the project, used by the loader, the evaluation readers and ``vlm shar
    ``TarInfo`` subclass that sees the short header read.
    Counts ride on the records (``__notes__``; a note-only record marks a bad shard) and are added to the
    worker's ``SkipStats`` only past the resume point, so a resumed run does not count twice.
+2. Object stores (:func:`open_shard` on an fsspec URL: s3://, gs://, az://, memory:// ...). Opening is
+   retried on transient errors (``OSError`` other than not-found, ``TimeoutError``, ``ConnectionError``,
+   any ``*ClientError`` / ``*TimeoutError`` / ``EndpointConnectionError`` class of botocore or aiohttp)
+   :data:`OPEN_RETRIES` times with exponential backoff (:data:`OPEN_BACKOFF_S` doubling, capped at
+   :data:`OPEN_BACKOFF_MAX_S`); a shard that still fails is a ``shard_open_error`` of the stream. A
+   credential or permission failure (botocore ``NoCredentialsError`` & co, google-auth
+   ``DefaultCredentialsError``, ``PermissionError``, HTTP 401/403, ``AccessDenied``) is never retried:
+   it is a one-line :class:`ShardAccessError` (a ``DataError``) naming the URL and how to configure
+   credentials for its scheme, and :func:`read_shards` lets it stop the stream (every other shard of
+   the bucket would fail the same way; counting them would hide the cause). Only opening is retried;
+   a read that fails half-way ends the shard as ``truncated_tar``.
 """
 from __future__ import annotations
 
@@ -28,6 +39,7 @@ import glob
 import os
 import re
 import tarfile
+import time
 import zlib
 from typing import IO, Iterator
 from urllib.parse import urlparse
@@ -132,7 +144,9 @@ def read_shards(src, allow_pipe: bool = False, max_member_bytes: int = 32 << 20)
         url = item["url"]
         try:
             stream = open_shard(url, allow_pipe)
-        except Exception as e:  # network, permissions, vanished file: count and go on
+        except ShardAccessError:
+            raise  # credentials: every shard fails alike; stop with the one-line fix
+        except Exception as e:  # network (after retries), vanished file: count and go on
             yield {"__key__": None, "__url__": url, "__notes__": ["shard_open_error"], "__detail__": repr(e)}
             continue
         n = 0
@@ -234,7 +248,104 @@ def open_shard(url: str, allow_pipe: bool = False):
         raise DataError(f"refusing to run shell command shard {url!r} without allow_pipe=True")
     if scheme == "file" or scheme == "pipe" or scheme in _WDS_SCHEMES:
         return wds.gopen(url, "rb")
-    return _fsspec_fs(url).open(url, "rb")
+    return _open_fsspec(url)
+
+
+# ------------------------------------------------------------------------------------ object stores
+OPEN_RETRIES = 3          # further attempts after the first, for transient errors
+OPEN_BACKOFF_S = 0.5      # wait before the first retry; doubles each time
+OPEN_BACKOFF_MAX_S = 8.0  # cap of one wait
+_sleep = time.sleep       # tests replace it
+
+_CREDENTIAL_CLASSES = frozenset({"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                                 "NoAuthTokenError", "UnauthorizedSSOTokenError", "TokenRetrievalError",
+                                 "DefaultCredentialsError", "RefreshError", "ClientAuthenticationError"})
+_DENIED_CODES = frozenset({"401", "403", "accessdenied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch",
+                           "expiredtoken", "invalidtoken", "unauthorized", "allaccessdisabled", "authorizationfailure",
+                           "authenticationfailed"})
+_TRANSIENT_NAMES = ("ClientError", "TimeoutError", "EndpointConnectionError", "ConnectionClosedError",
+                    "ServerDisconnectedError", "ReadTimeoutError", "ConnectTimeoutError", "ServiceUnavailable",
+                    "TooManyRequests", "SlowDown", "ThrottlingException")
+_NOT_FOUND = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+_HINTS = {
+    "s3": "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with ~/.aws/credentials, or an instance role); "
+          "for a public bucket set FSSPEC_S3_ANON=true",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key or run `gcloud auth application-default login`",
+    "gcs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key or run `gcloud auth application-default login`",
+    "az": "set AZURE_STORAGE_CONNECTION_STRING (or AZURE_STORAGE_ACCOUNT_NAME + AZURE_STORAGE_ACCOUNT_KEY)",
+    "abfs": "set AZURE_STORAGE_CONNECTION_STRING (or AZURE_STORAGE_ACCOUNT_NAME + AZURE_STORAGE_ACCOUNT_KEY)",
+}
+
+
+class ShardAccessError(DataError):
+    """Credentials missing or access refused for a shard URL: fatal, never retried or skipped."""
+
+
+def _chain(e: BaseException):
+    seen = 0
+    while e is not None and seen < 8:
+        yield e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+
+
+def _error_codes(e: BaseException) -> set[str]:
+    """HTTP status / service error codes an exception carries (botocore ``response``, aiohttp ``status``)."""
+    codes = set()
+    for attr in ("status", "status_code", "code", "errno"):
+        v = getattr(e, attr, None)
+        if isinstance(v, (int, str)) and not isinstance(v, bool):
+            codes.add(str(v).lower())
+    resp = getattr(e, "response", None)
+    if isinstance(resp, dict):
+        codes.add(str((resp.get("Error") or {}).get("Code", "")).lower())
+        codes.add(str((resp.get("ResponseMetadata") or {}).get("HTTPStatusCode", "")).lower())
+    return codes
+
+
+def classify_open_error(e: BaseException) -> str:
+    """``"credentials"``, ``"transient"`` (worth retrying) or ``"fatal"`` for an error opening a shard."""
+    for x in _chain(e):
+        names = {c.__name__ for c in type(x).__mro__}
+        if names & _CREDENTIAL_CLASSES or isinstance(x, PermissionError) or _error_codes(x) & _DENIED_CODES:
+            return "credentials"
+        text = str(x)
+        if "AccessDenied" in text or "403 Forbidden" in text or "Unable to locate credentials" in text:
+            return "credentials"
+    if isinstance(e, _NOT_FOUND) or {"404", "nosuchkey", "nosuchbucket"} & _error_codes(e):
+        return "fatal"
+    names = [c.__name__ for c in type(e).__mro__]
+    if isinstance(e, (OSError, TimeoutError, ConnectionError)) or any(n.endswith(_TRANSIENT_NAMES) for n in names):
+        return "transient"
+    return "fatal"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _open_fsspec(url: str, retries: int | None = None, backoff: float | None = None):
+    """fsspec ``open(url, "rb")`` with bounded retries of transient errors and credential errors turned
+    into a :class:`ShardAccessError` (see the module docstring, item 2)."""
+    fs = _fsspec_fs(url)
+    retries = OPEN_RETRIES if retries is None else retries
+    wait = OPEN_BACKOFF_S if backoff is None else backoff
+    for attempt in range(retries + 1):
+        try:
+            return fs.open(url, "rb")
+        except Exception as e:
+            kind = classify_open_error(e)
+            if kind == "credentials":
+                scheme = _scheme(url)
+                hint = _HINTS.get(scheme, f"configure the credentials of the fsspec backend for {scheme}:// "
+                                          "(its environment variables or fsspec config)")
+                raise ShardAccessError(f"cannot read shard {url}: access denied or no credentials "
+                                       f"({_one_line(e)}); {hint}") from None
+            if kind == "fatal" or attempt == retries:
+                if kind == "transient":
+                    raise DataError(f"cannot open shard {url} after {retries + 1} attempts: {_one_line(e)}") from e
+                raise
+            _sleep(min(wait * 2 ** attempt, OPEN_BACKOFF_MAX_S))
 
 
 def _expand_dir(path: str) -> list[str]:
