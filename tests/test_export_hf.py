@@ -110,6 +110,10 @@ def test_dual_encoder_joint_checkpoint_exports_and_loads_back(hf_dirs, tmp_path,
     with torch.no_grad():
         assert (back.encode_image(x) - saved.encode_image(x)).abs().max() < 1e-5
         assert (back.encode_text(**enc) - saved.encode_text(**enc)).abs().max() < 1e-5
+    from vlm.model import load_model  # what `vlm eval ... --model DIR` calls: the transformers dir loads as it is
+
+    with torch.no_grad():
+        assert (load_model(out).encode_image(x) - saved.encode_image(x)).abs().max() < 1e-5
         assert abs(back.logit_scale.item() - 1.7) < 1e-6
     assert (back.logit_bias is None) == (name == "clip")
 
@@ -216,6 +220,9 @@ def test_vision_llm_mlp_exports_to_llava_and_loads_back(hf_dirs, tmp_path):
     back = load_hf_vision_llm(out, tmp_path / "parts")
     assert back.config.tower.startswith("hf:") and back.config.projector == "mlp2x_gelu"
     _check_vision_llm(back, hf)
+    from vlm.vision_llm import VisionLLM  # what `vlm caption --model DIR` calls
+
+    _check_vision_llm(VisionLLM.from_pretrained(out), hf)
 
 
 def test_vision_llm_qformer_exports_to_blip2_and_loads_back(hf_dirs, tmp_path):

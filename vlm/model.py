@@ -379,7 +379,8 @@ def _write_atomic(p: Path, text: str) -> None:
 
 def load_model(source: "str | os.PathLike | DualEncoderConfig | dict", overrides: list[str] | tuple = (), *,
                trust_remote_code: bool = False) -> DualEncoder:
-    """A :class:`DualEncoder` from a ``save_pretrained`` folder, a config (dataclass or dict), or a
+    """A :class:`DualEncoder` from a ``save_pretrained`` folder, a transformers ``CLIPModel`` / ``SiglipModel``
+    directory (:func:`vlm.export.hf_dual.load_hf_dual_encoder`), a config (dataclass or dict), or a
     YAML/JSON file holding a ``DualEncoderConfig`` (plus dotted ``overrides``). ``trust_remote_code`` goes
     to :meth:`DualEncoder.from_pretrained` for a folder; a config is the user's own, its options stand."""
     if isinstance(source, DualEncoderConfig):
@@ -388,6 +389,10 @@ def load_model(source: "str | os.PathLike | DualEncoderConfig | dict", overrides
         return DualEncoder.from_config(from_dict(DualEncoderConfig, source))
     p = Path(source)
     if p.is_dir():
+        from vlm.export.hf_dual import HF_DUAL_TYPES, hf_model_type, load_hf_dual_encoder
+
+        if hf_model_type(p) in HF_DUAL_TYPES:  # a transformers CLIPModel / SiglipModel directory
+            return load_hf_dual_encoder(p)
         return DualEncoder.from_pretrained(p, trust_remote_code=trust_remote_code)
     if p.is_file() and p.suffix in (".yaml", ".yml", ".json"):
         return DualEncoder.from_config(load_config(DualEncoderConfig, p, list(overrides)))

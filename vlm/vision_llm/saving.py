@@ -96,6 +96,10 @@ def load_vision_llm(model_cls, path, *, dtype: str | None = None, trainable: boo
         raise UserError(f"{p} is not a saved vision-LLM (no config.json); pass a directory written by "
                         "VisionLLM.save_pretrained or by vlm train")
     meta = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    if "format" not in meta and meta.get("model_type") in ("llava", "blip-2"):  # a transformers directory
+        from vlm.export import load_hf_vision_llm
+
+        return load_hf_vision_llm(p)
     if meta.get("format") != FORMAT:
         raise UserError(f"{p}/config.json is not a vision-LLM config (format {meta.get('format')!r}, "
                         f"expected {FORMAT!r})")
