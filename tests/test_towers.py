@@ -135,7 +135,7 @@ def test_tiny_pretrained_roundtrip_and_errors(tmp_path):
         registry.build("tower", "tiny:vitt")
     with pytest.raises(SpecError, match="image tower"):
         registry.build("tower", "tiny:vit", side="text")
-    with pytest.raises(SpecError, match="Valid options"):
+    with pytest.raises(SpecError, match="tower spec 'tiny:vit' has no option 'layers'; its options are .*depth"):
         registry.build("tower", "tiny:vit", layers=3)
     with pytest.raises(SpecError, match="does not exist"):
         registry.build("tower", "tiny:vit", pretrained=str(tmp_path / "nope.safetensors"))
@@ -229,6 +229,84 @@ def test_timm_parity_and_preprocess(parts):
         registry.build("tower", f"timm:{TIMM_NAME}", pretrained="/nonexistent/w.safetensors", **TIMM_KW)
     with pytest.raises(SpecError, match="image tower"):
         registry.build("tower", f"timm:{TIMM_NAME}", side="text")
+
+
+OVERLAY = dict(mean=[0.1, 0.2, 0.3], std=[0.3, 0.4, 0.5], crop_pct=0.5, interpolation="bilinear")
+
+
+def test_timm_local_weights_keep_the_users_preprocessing(parts, tmp_path):
+    """A local weights file used to replace the user's pretrained_cfg_overlay: now both reach timm."""
+    import timm
+    from safetensors.torch import save_file
+
+    vit = registry.build("tower", f"timm:{TIMM_NAME}", pretrained=str(parts["timm"]),
+                         pretrained_cfg_overlay=dict(OVERLAY, crop_mode="squash"), **TIMM_KW)
+    p = vit.preprocess
+    assert (p.image_size, p.mean, p.std, p.crop_pct, p.interpolation, p.resize_mode) == \
+        (32, (0.1, 0.2, 0.3), (0.3, 0.4, 0.5), 0.5, "bilinear", "squash")
+    ref = timm.create_model(TIMM_NAME, pretrained=True, num_classes=0,
+                            pretrained_cfg_overlay=dict(file=str(parts["timm"])), **TIMM_KW)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(vit.eval().encode(x)[0], ref.eval().forward_head(ref.forward_features(x), pre_logits=True))
+    # a convnet: the size comes from the overlay's input_size (it takes no img_size), weights from the file
+    cnn = timm.create_model("resnet10t", num_classes=0)
+    save_file(cnn.state_dict(), str(tmp_path / "r10.safetensors"))
+    tower = registry.build("tower", "timm:resnet10t", pretrained=str(tmp_path / "r10.safetensors"),
+                           pretrained_cfg_overlay=dict(OVERLAY, input_size=[3, 48, 48]))
+    p = tower.preprocess
+    assert (p.image_size, p.mean, p.std, p.crop_pct, p.interpolation) == (48, (0.1, 0.2, 0.3), (0.3, 0.4, 0.5), 0.5,
+                                                                          "bilinear")
+    assert tower.trunk.pretrained_cfg["file"] == str(tmp_path / "r10.safetensors")
+    torch.testing.assert_close(tower.trunk.conv1[0].weight, cnn.conv1[0].weight)
+    # the same overlay without a file (the path pretrain_demo uses) gives the same preprocessing
+    assert registry.build("tower", "timm:resnet10t", pretrained_cfg_overlay=dict(OVERLAY, input_size=[3, 48, 48])
+                          ).preprocess == p
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(img_size=128), "tower spec 'timm:resnet10t' has no option 'img_size'; its options are .*stem_width.*"
+                         "pretrained_cfg_overlay=\\{input_size"),
+    (dict(bogus_kw=1), "has no option 'bogus_kw'; its options are .*drop_path_rate"),
+    (dict(pretrained_cfg_overlay={"crop": 0.9}), "no key 'crop' \\(did you mean 'crop_pct'"),
+    (dict(pretrained_cfg_overlay={"input_size": [3, 64, 32]}), "must be \\[3, S, S\\]"),
+    (dict(pretrained_cfg_overlay={"mean": [0.5, 0.5]}), "mean must be 3 numbers"),
+    (dict(pretrained_cfg_overlay={"crop_pct": 1.5}), "crop_pct must be in \\(0, 1\\]"),
+    (dict(pretrained_cfg_overlay={"interpolation": "nearest"}), "interpolation 'nearest' is not supported"),
+    (dict(pretrained_cfg_overlay={"file": "/w.safetensors"}), "as pretrained=PATH"),
+    (dict(pretrained_cfg_overlay=[3, 64, 64]), "must be a mapping"),
+])
+def test_timm_refuses_what_it_cannot_honour(kw, msg):
+    with pytest.raises(registry.OptionError if "option" in msg else SpecError, match=msg):
+        registry.build("tower", "timm:resnet10t", **kw)
+
+
+def test_timm_sizes_must_agree_and_other_type_errors_propagate():
+    with pytest.raises(SpecError, match="img_size=32 and pretrained_cfg_overlay.input_size=\\[3, 64, 64\\] disagree"):
+        registry.build("tower", f"timm:{TIMM_NAME}", pretrained_cfg_overlay={"input_size": [3, 64, 64]}, **TIMM_KW)
+    # without img_size timm sizes a ViT from the overlay's input_size itself: model and preprocessing agree
+    tower = registry.build("tower", f"timm:{TIMM_NAME}", pretrained_cfg_overlay={"input_size": [3, 64, 64]},
+                           **{k: v for k, v in TIMM_KW.items() if k != "img_size"})
+    assert tower.preprocess.image_size == 64 and tuple(tower.trunk.patch_embed.img_size) == (64, 64)
+    assert tower(torch.randn(1, 3, 64, 64))[0].shape == (1, 65, 32)
+    with pytest.raises(TypeError, match="BasicBlock"):  # refused deeper than the option the user gave: unchanged
+        registry.build("tower", "timm:resnet10t", block_args={"bogus": 1})
+
+
+def test_timm_unknown_name_suggests_close_names():
+    with pytest.raises(SpecError, match="unknown timm model 'vit_smal_patch16_224'; did you mean "
+                                        "vit_small_patch16_224"):
+        registry.build("tower", "timm:vit_smal_patch16_224")
+
+
+def test_tiny_and_ngram_options_are_checked_and_bad_sizes_are_user_errors():
+    with pytest.raises(registry.OptionError, match="'ngram:text' has no option 'widht' \\(did you mean 'width'"):
+        registry.build("tower", "ngram:text", widht=3)
+    with pytest.raises(SpecError, match="min_n <= max_n"):
+        registry.build("tower", "ngram:text", min_n=5)
+    with pytest.raises(SpecError, match="multiple of patch_size"):
+        registry.build("tower", "tiny:vit", image_size=30, patch_size=8)
+    with pytest.raises(SpecError, match="divisible by heads"):
+        registry.build("tower", "tiny:text", width=30, heads=4)
 
 
 # ------------------------------------------------------------------------------------------------ hf

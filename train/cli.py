@@ -14,6 +14,16 @@ recipes work from an installed wheel as well as from a checkout. A path that exi
 A recipe is a module in ``RECIPES`` that defines ``Config`` (its dataclass, whose ``task`` field names
 it) and ``run(cfg) -> dict``. Unknown task, unknown key, or a bad value is one line on stderr, exit 2.
 The file's ``task`` may also be given as an override (``task=pretrain``).
+
+Before the recipe runs, every part of the config -- a field ``X`` holding a spec next to a dict ``X_cfg``
+(``model.llm`` / ``model.llm_cfg``, ``model.image_tower`` / ``model.image_tower_cfg``, ...) -- has its
+option names checked against what the spec takes (:func:`check_parts`, ``vlm.registry.check_options``),
+so a switched spec with the old options left over (``model.llm=hf:DIR`` while ``llm_cfg`` still sizes
+``tiny:llama``) fails at once with the key to reset (``'model.llm_cfg={}'``). A family that can only tell
+while building (timm) raises the same ``OptionError`` from the recipe; it is re-raised naming the key.
+Each data section (``data``, ``val_data``, their ``sources``) is checked the same way first
+(:func:`check_data`: ``batch_size >= 1``, ``num_workers >= 0``, shard specs that match files), so a
+pattern matching nothing fails before a model is built.
 """
 from __future__ import annotations
 
@@ -83,6 +93,61 @@ def resolve_task(path: str, overrides: list[str]) -> str:
     return task
 
 
+_PART_SUFFIXES = (("tower", "tower"), ("projector", "projector"), ("llm", "llm"), ("adapter", "adapter"))
+
+
+def part_fields(cfg, prefix: str = ""):
+    """``(kind, spec, options, key)`` for each ``X`` / ``X_cfg`` pair in the config tree (module docstring)."""
+    import dataclasses
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from part_fields(value, f"{prefix}{f.name}.")
+            continue
+        opts = getattr(cfg, f.name + "_cfg", None)
+        kind = next((k for suffix, k in _PART_SUFFIXES if f.name.endswith(suffix)), None)
+        if kind and isinstance(value, str) and value.strip() and isinstance(opts, dict):
+            yield kind, value, opts, f"{prefix}{f.name}_cfg"
+
+
+def check_parts(cfg) -> None:
+    """Each part's options against its spec (``vlm.registry.check_options``), naming the config key."""
+    from vlm import registry
+
+    for kind, spec, opts, key in part_fields(cfg):
+        registry.check_options(kind, spec, opts, where=key)
+
+
+def check_data(cfg, prefix: str = "") -> None:
+    """Every data section of the config (a dataclass with ``shards`` and ``batch_size``): counts in range and
+    its shard spec(s) expanding to files (``vlm.data.shards.expand_shards``), naming the key."""
+    import dataclasses
+
+    from vlm.config import ConfigError
+    from vlm.errors import DataError
+
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if {"shards", "batch_size"} <= names:
+        for key, low in (("batch_size", 1), ("num_workers", 0)):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v < low:
+                raise ConfigError(f"{prefix}{key} must be >= {low}, got {v}")
+        if cfg.shards:
+            from vlm.data.shards import expand_shards
+
+            try:
+                expand_shards(cfg.shards, allow_pipe=bool(getattr(cfg, "allow_pipe", False)))
+            except DataError as e:
+                raise DataError(f"{prefix}shards: {e}") from None
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        items = value if isinstance(value, list) else [value]
+        for i, v in enumerate(items):
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):
+                check_data(v, f"{prefix}{f.name}" + (f"[{i}]." if isinstance(value, list) else "."))
+
+
 def load_recipe(task: str):
     from vlm.errors import UserError
 
@@ -107,7 +172,17 @@ def run(args) -> int:
     task = resolve_task(args.config, args.overrides)
     recipe = load_recipe(task)
     cfg = load_config(recipe.Config, args.config, args.overrides)
-    summary = recipe.run(cfg)
+    check_data(cfg)
+    check_parts(cfg)
+    from vlm.registry import OptionError
+
+    try:
+        summary = recipe.run(cfg)
+    except OptionError as e:  # raised while building (timm): name the config key that holds the options
+        key = next((k for kind, spec, _, k in part_fields(cfg) if kind == e.kind and spec.strip() == e.spec), None)
+        if e.where or key is None:
+            raise
+        raise e.at(key) from None
     if summary and summary.get("final_dir"):
         import os
 

@@ -17,6 +17,9 @@
 
 ``--quick`` shrinks everything (few steps, small data) for CI and smoke tests; accuracy is then near
 chance, which the report says. ``--steps`` and ``--minutes`` trade time for accuracy.
+
+The arguments and the user's overrides are checked (:func:`check_args`) before any data is drawn, so a
+typo fails in a second, as one line.
 """
 from __future__ import annotations
 
@@ -54,7 +57,21 @@ def demo_config_path() -> Path:
     return CONFIG_DIR / "pretrain_demo.yaml"
 
 
+def check_args(args) -> None:
+    """Counts in range and the user's overrides valid for the pretraining config, before anything runs."""
+    from vlm.config import load_config
+    from vlm.train.pretrain import PretrainConfig
+
+    for flag, low in (("steps", 1), ("vlm_steps", 1), ("train_images", 1), ("val_images", 1), ("workers", 0),
+                      ("threads", 0)):
+        v = getattr(args, flag)
+        if v is not None and v < low:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
+    load_config(PretrainConfig, demo_config_path(), list(args.overrides))  # a bad key or value: one line
+
+
 def run(args) -> int:
+    check_args(args)
     from vlm.data_recipes.demo import build_demo
     from vlm.train.pretrain import PretrainConfig
     from vlm.train.pretrain import run as pretrain
@@ -76,8 +93,6 @@ def run(args) -> int:
         overrides += ["train.steps=6", "data.batch_size=16", "val_batches=1", "optim.warmup_steps=2",
                       "train.ckpt_every=3", "train.log_every=2", "data.shuffle_buffer=50"]
     if args.steps is not None:
-        if args.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {args.steps}")
         overrides.append(f"train.steps={args.steps}")
     if args.no_progress:
         overrides.append("train.progress=false")

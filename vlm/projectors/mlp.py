@@ -35,7 +35,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from vlm.registry import register, register_family
+from vlm.registry import SpecError, register, register_family
 
 _ACTS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -58,7 +58,7 @@ def freeze_parameters(module: nn.Module, prefixes: Iterable[str]) -> list[str]:
                 hit = True
         if not hit:
             parts = sorted({n.split(".")[0] for n, _ in module.named_parameters()})
-            raise ValueError(f"frozen prefix {pre!r} matches no parameter of {type(module).__name__}; "
+            raise SpecError(f"frozen prefix {pre!r} matches no parameter of {type(module).__name__}; "
                              f"top-level parts are {parts}")
     return frozen
 
@@ -74,9 +74,9 @@ class MLPProjector(nn.Module):
                  ln_vision: bool = False):
         super().__init__()
         if depth < 1:
-            raise ValueError(f"MLP projector depth must be >= 1, got {depth}")
+            raise SpecError(f"MLP projector depth must be >= 1, got {depth}")
         if act not in _ACTS:
-            raise ValueError(f"unknown MLP projector activation {act!r}; choose one of {sorted(_ACTS)}")
+            raise SpecError(f"unknown MLP projector activation {act!r}; choose one of {sorted(_ACTS)}")
         self.in_dim, self.out_dim, self.depth, self.act = int(in_dim), int(out_dim), depth, act
         layers: list[nn.Module] = [nn.Linear(self.in_dim, self.out_dim, bias=bias)]
         for _ in range(depth - 1):
@@ -101,7 +101,7 @@ class IdentityProjector(nn.Module):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         if in_dim != out_dim:
-            raise ValueError(f"the 'identity' projector needs tower width == LLM hidden size, got "
+            raise SpecError(f"the 'identity' projector needs tower width == LLM hidden size, got "
                              f"{in_dim} and {out_dim}; use 'linear' or 'mlp2x_gelu' instead")
         self.in_dim = self.out_dim = int(in_dim)
 
@@ -127,7 +127,7 @@ def build_mlp(name: str, in_dim: int, out_dim: int, frozen: Iterable[str] = (), 
     """``name`` like ``2x_gelu`` (depth x activation) -> MLPProjector."""
     m = _MLP_NAME.match(name)
     if not m:
-        raise ValueError(f"MLP projector name {name!r} must look like '<depth>x_<act>' "
+        raise SpecError(f"MLP projector name {name!r} must look like '<depth>x_<act>' "
                          f"(e.g. 'mlp:2x_gelu', act one of {sorted(_ACTS)})")
     proj = MLPProjector(in_dim, out_dim, depth=int(m.group(1)), act=m.group(2), **cfg)
     if frozen:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.projectors.mlp import _check_tokens, build_mlp, freeze_parameters
-from vlm.registry import register_family
+from vlm.registry import SpecError, register_family
 
 
 class SwiGLU(nn.Module):
@@ -63,11 +63,11 @@ class MoEProjector(nn.Module):
                  mlp: str = "mlp2x_gelu", query: str = "first"):
         super().__init__()
         if num_experts < 1:
-            raise ValueError(f"MoE projector needs num_experts >= 1, got {num_experts}")
+            raise SpecError(f"MoE projector needs num_experts >= 1, got {num_experts}")
         if top_k is not None and not 1 <= top_k <= num_experts:
-            raise ValueError(f"MoE top_k must be in [1, num_experts={num_experts}] or None (dense), got {top_k}")
+            raise SpecError(f"MoE top_k must be in [1, num_experts={num_experts}] or None (dense), got {top_k}")
         if query not in ("first", "mean"):
-            raise ValueError(f"MoE router query must be 'first' (CLS token) or 'mean', got {query!r}")
+            raise SpecError(f"MoE router query must be 'first' (CLS token) or 'mean', got {query!r}")
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
         self.num_experts, self.top_k, self.rho, self.balance_coef, self.query = \
             num_experts, top_k, float(rho), float(balance_coef), query
@@ -136,7 +136,14 @@ class MoEProjector(nn.Module):
 _TOKEN = re.compile(r"^(?:e(?P<e>\d+)|top(?P<k>\d+)|(?P<dense>dense)|i(?P<i>\d+))$")
 
 
-@register_family("projector", "moe", examples=("moe:e6-top2", "moe:e6"),
+def _moe_options(name: str | None) -> list[str]:
+    """Option names of ``moe:<name>`` (MoEProjector's parameters after in_dim, out_dim), for the registry."""
+    import inspect
+
+    return list(inspect.signature(MoEProjector).parameters)[2:]
+
+
+@register_family("projector", "moe", examples=("moe:e6-top2", "moe:e6"), options=_moe_options,
                  help="Parrot MoE projector: MLP + prompt-routed SwiGLU experts + residual")
 def build_moe(name: str, in_dim: int, out_dim: int, frozen: Iterable[str] = (), **cfg) -> MoEProjector:
     """``moe:e6-top2`` / ``moe:e6`` (dense) / ``moe:e4-top1-i512`` -> MoEProjector(in_dim -> out_dim)."""
@@ -144,7 +151,7 @@ def build_moe(name: str, in_dim: int, out_dim: int, frozen: Iterable[str] = (), 
     for tok in name.split("-"):
         m = _TOKEN.match(tok)
         if not m:
-            raise ValueError(f"bad MoE spec token {tok!r} in 'moe:{name}'; tokens are e<experts>, top<k> or "
+            raise SpecError(f"bad MoE spec token {tok!r} in 'moe:{name}'; tokens are e<experts>, top<k> or "
                              f"dense, i<intermediate>, e.g. 'moe:e6-top2'")
         if m["e"]:
             kw["num_experts"] = int(m["e"])

@@ -35,7 +35,7 @@ class NgramHashTokenizer:
 
     def __init__(self, buckets: int = 1 << 17, min_n: int = 1, max_n: int = 4, context_length: int = 256):
         if not (1 <= min_n <= max_n) or buckets < 2:
-            raise ValueError(f"need 1 <= min_n <= max_n and buckets >= 2, got {min_n}, {max_n}, {buckets}")
+            raise SpecError(f"need 1 <= min_n <= max_n and buckets >= 2, got {min_n}, {max_n}, {buckets}")
         self.buckets, self.min_n, self.max_n, self.context_length = buckets, min_n, max_n, context_length
         self.vocab_size = buckets
 
@@ -109,8 +109,15 @@ class NgramText(TextTower):
         return x + self.fc2(self.drop(F.gelu(self.fc1(x))))
 
 
+def _ngram_options(name: str | None) -> list[str]:
+    """Option names for ``ngram:<name>`` (NgramText's parameters), for the registry's option check."""
+    import inspect
+
+    return [p for p in inspect.signature(NgramText).parameters]
+
+
 @register_family("tower", "ngram", help="hashed character n-gram bag text towers (fastText-style, every script)",
-                 examples=("ngram:text",))
+                 examples=("ngram:text",), options=_ngram_options)
 def build_ngram(name: str, side: str | None = None, pretrained: str | None = None, **cfg):
     """``ngram:text``; ``cfg`` overrides width, buckets, min_n, max_n, context_length, dropout;
     ``pretrained`` is a ``.safetensors`` of this tower."""
@@ -118,10 +125,7 @@ def build_ngram(name: str, side: str | None = None, pretrained: str | None = Non
         raise SpecError(f"unknown n-gram tower 'ngram:{name}'; n-gram towers: " + ", ".join(f"ngram:{v}" for v in VARIANTS))
     if side not in (None, "text"):
         raise SpecError(f"ngram:{name} is a text tower, it cannot be used as the {side} tower")
-    try:
-        tower = NgramText(**{**VARIANTS[name], **cfg})
-    except TypeError as e:
-        raise SpecError(f"ngram:{name}: {e}") from None
+    tower = NgramText(**{**VARIANTS[name], **cfg})  # option names were checked by vlm.registry.build
     if pretrained is not None:
         from pathlib import Path
 

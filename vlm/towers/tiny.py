@@ -46,7 +46,7 @@ class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
         if width % heads:
-            raise ValueError(f"width {width} must be divisible by heads {heads}")
+            raise SpecError(f"width {width} must be divisible by heads {heads}")
         self.heads, self.dropout = heads, dropout
         self.ln1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
@@ -108,9 +108,9 @@ class TinyViT(_Encoder, ImageTower):
                  mean=OPENAI_MEAN, std=OPENAI_STD):
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+            raise SpecError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
         if pool not in ("mean", "cls"):
-            raise ValueError(f"tiny image tower pool must be 'mean' or 'cls', got {pool!r}")
+            raise SpecError(f"tiny image tower pool must be 'mean' or 'cls', got {pool!r}")
         self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         grid = image_size // patch_size
@@ -143,7 +143,7 @@ class TinyText(_Encoder, TextTower):
                  mlp_ratio: float = 4.0, dropout: float = 0.0, pool: str = "mean"):
         super().__init__()
         if pool not in ("mean", "cls", "last"):
-            raise ValueError(f"tiny text tower pool must be 'mean', 'cls' or 'last', got {pool!r}")
+            raise SpecError(f"tiny text tower pool must be 'mean', 'cls' or 'last', got {pool!r}")
         self.tokenizer = ByteTokenizer(context_length=context_length)
         self.token_embed = nn.Embedding(ByteTokenizer.vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
@@ -171,8 +171,15 @@ class TinyText(_Encoder, TextTower):
         return pool_tokens(tokens, attention_mask, self.pool_mode)
 
 
+def _variant_options(name: str | None) -> list[str] | None:
+    """Option names of ``tiny:<name>`` (its class's parameters), for the registry's option check."""
+    if name not in VARIANTS:
+        return None  # the builder names the valid variants
+    return _options(TinyViT if VARIANTS[name]["side"] == "image" else TinyText)
+
+
 @register_family("tower", "tiny", help="random-init pre-LN transformers for tests and demos (byte-level text)",
-                 examples=tuple(f"tiny:{v}" for v in VARIANTS))
+                 examples=tuple(f"tiny:{v}" for v in VARIANTS), options=_variant_options)
 def build_tiny(name: str, side: str | None = None, pretrained: str | None = None, **cfg):
     """``tiny:<variant>``; ``cfg`` overrides sizes (width, depth, heads, image_size, patch_size,
     context_length, mlp_ratio, dropout, pool); ``pretrained`` is a ``.safetensors`` of this tower."""
@@ -184,10 +191,7 @@ def build_tiny(name: str, side: str | None = None, pretrained: str | None = None
     if side is not None and side != vside:
         raise SpecError(f"tiny:{name} is a {vside} tower, it cannot be used as the {side} tower")
     cls = TinyViT if vside == "image" else TinyText
-    try:
-        tower = cls(**{**base, **cfg})
-    except TypeError as e:
-        raise SpecError(f"tiny:{name}: {e}. Valid options: {', '.join(_options(cls))}") from None
+    tower = cls(**{**base, **cfg})  # option names were checked by vlm.registry.build (_variant_options)
     if pretrained is not None:
         from safetensors.torch import load_model
 
