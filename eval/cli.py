@@ -11,7 +11,10 @@ under ``--name`` (default: the task, plus the mode for zero-shot) and prints the
   embeddings are cached in ``--cache-dir`` (default ``{out}/text_cache``), keyed by a fingerprint of the
   model files.
 * ``retrieval``: per-language image<->text Recall@1/5/10 over shards whose ``.json`` holds
-  ``captions`` {lang: [...]}; one pass of the loader embeds the images and collects their captions.
+  ``captions`` {lang: [...]}; one pass of the loader embeds the images and collects their captions. Or
+  ``--format xm3600|xtd10|multi30k|xflickrco --annotations PATH --images DIR``: a benchmark in its
+  published files (``eval.benchmark_formats``), each image embedded once, the same report.
+
 
 Every shard path goes through the training loader (``vlm.data.wds.make_loader`` via ``eval.shards``:
 workers, no shuffle, every sample once, bad samples skipped and counted in the report's ``skipped``).
@@ -44,6 +47,7 @@ EPILOG = """examples:
   vlm eval zeroshot --model M --image-folder imagenet/val --labels babel_imagenet-93.json \\
       --prompts prompts-nllb-90.json --langs de,zh,hi --mode en
   vlm eval retrieval --model runs/demo/final --shards 'demo/val/*.tar' --langs en,de,zh
+  vlm eval retrieval --model M --format xm3600 --annotations xm3600/captions.jsonl --images xm3600/images
   vlm eval caption --predictions captions.jsonl      (rows {id, lang, prediction, references: [...]})
   vlm eval vqa --predictions answers.jsonl           (rows {id, lang, prediction, answers: [...]})
   vlm eval caption --model runs/vllm/final --shards 'demo/val/*.tar' --langs en,de,zh --limit 100
@@ -65,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--device", default="cpu", help="torch device (default cpu)")
             p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                            help="fp32, or bf16 autocast (faster on CPUs with bf16; numbers shift slightly)")
+            add_trust_flag(p)
         p.add_argument("--out", default="eval_out", help="report directory (default ./eval_out)")
         p.add_argument("--name", default=None, help="report file name without extension")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -86,7 +91,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     r = sub.add_parser("retrieval", help="image<->text Recall@1/5/10 per language")
     common(r)
-    r.add_argument("--shards", required=True, help="shards whose .json has captions {lang: [...]}")
+    r.add_argument("--shards", default=None, help="shards whose .json has captions {lang: [...]} (or --format)")
+    r.add_argument("--format", choices=("xm3600", "xtd10", "multi30k", "xflickrco"), default=None,
+                   help="instead of --shards: a benchmark in its published format (eval.benchmark_formats)")
+    r.add_argument("--annotations", default=None, metavar="PATH",
+                   help="with --format: the published annotation file or folder")
+    r.add_argument("--images", dest="image_dir", default=None, metavar="DIR",
+                   help="with --format: the folder of its images")
+    r.add_argument("--image-list", default=None, metavar="FILE",
+                   help="with --format xtd10/multi30k: the image list the caption lines align with (default: found "
+                        "beside them)")
     r.add_argument("--langs", default=None, help="comma-separated languages (default: all in the data)")
 
     for task, fields in (("caption", "{id, lang, prediction, references: [...]}"),
@@ -104,11 +118,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--limit", type=int, default=None, help="with --model: only the first N images")
         p.add_argument("--device", default="cpu", help="torch device (default cpu)")
         p.add_argument("--workers", type=int, default=2, help="with --model: shard loader workers (default 2)")
+        add_trust_flag(p)
 
     c = sub.add_parser("compare", help="one Markdown table over several report JSONs")
     c.add_argument("reports", nargs="+", help="report .json files written by vlm eval")
     c.add_argument("--metric", default=None, help="metric to compare (default: the primary metric)")
     c.add_argument("--out", default=None, help="also write the table to this .md file")
+
+
+def add_trust_flag(p: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code``: the user's decision (:mod:`vlm.remote_code`), passed to the model loader."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model's directories run the Python code they ship (transformers auto_map); "
+                        "only for a model you trust (a saved config can never turn this on)")
 
 
 def run(args) -> int:
@@ -188,14 +210,14 @@ def _langs(s):
     return [c for c in s.replace(",", " ").split() if c]
 
 
-def load_model(path: str, device: str = "cpu"):
+def load_model(path: str, device: str = "cpu", *, trust_remote_code: bool = False):
     """The model at ``path`` (``vlm.model.load_model``), in eval mode on ``device``."""
     if not os.path.exists(path):
         raise DataError(f"model not found: {path} (give the directory written by DualEncoder.save_pretrained, "
                         f"e.g. runs/<name>/final)")
     from vlm.model import load_model as _load
 
-    model = _load(path)
+    model = _load(path, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 
@@ -238,7 +260,7 @@ def run_zeroshot(args) -> int:
     if args.mode != "label":
         ppath = args.prompts or _default_prompts(labels.path)
         prompts = load_prompts(ppath)
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
     bf16 = args.precision == "bf16"
     model_id = model_fingerprint(args.model) + ("|bf16" if bf16 else "")
     progress = not args.no_progress
@@ -293,7 +315,9 @@ def run_retrieval(args) -> int:
     from vlm.eval.retrieval import captions_of, evaluate_retrieval
     from vlm.eval.zeroshot import embed_images, make_text_encoder, model_fingerprint
 
-    model = load_model(args.model, args.device)
+    if args.format or not args.shards:
+        return run_retrieval_benchmark(args)
+    model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
     stream = _shard_batches(args.shards, model, args)
     bf16 = args.precision == "bf16"
     captions: dict = {}  # filled by the same pass that embeds the images
@@ -317,6 +341,43 @@ def run_retrieval(args) -> int:
                      data=args.shards, n_images=len(uniq), skipped=dict(getattr(stream, "skipped", {}) or {}),
                      precision=args.precision)
     return _finish(res, args, "retrieval", meta)
+
+
+def run_retrieval_benchmark(args) -> int:
+    """``vlm eval retrieval --format F --annotations PATH --images DIR``: a benchmark in its published format
+    (``eval.benchmark_formats``, read before the model loads), each image embedded once, the report of
+    ``--shards`` (named ``retrieval-F``; images the annotations name but DIR lacks are counted as skipped
+    ``missing_image`` and warned about)."""
+    if args.shards and args.format:
+        raise UserError("give either --shards or --format with --annotations and --images, not both")
+    if not args.format:
+        raise UserError("vlm eval retrieval needs --shards SPEC, or --format xm3600|xtd10|multi30k|xflickrco "
+                        "--annotations PATH --images DIR")
+    from vlm.data.decode import SkipStats
+    from vlm.eval.benchmark_formats import image_batches, read_benchmark
+    from vlm.eval.retrieval import evaluate_retrieval
+    from vlm.eval.zeroshot import embed_images, make_text_encoder, model_fingerprint
+
+    items = read_benchmark(args.format, args.annotations, args.image_dir, image_list=args.image_list)
+    model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
+    bf16 = args.precision == "bf16"
+    stats = SkipStats(where=f"eval/{args.format}")
+    batches = image_batches(items, model.image_preprocess, args.batch_size, args.workers, stats)
+    emb, idx, _ = embed_images(model, batches, args.device, not args.no_progress,
+                               total=-(-len(items) // args.batch_size), bf16=bf16)
+    res = evaluate_retrieval(emb, [items[i]["captions"] for i in idx.tolist()],
+                             make_text_encoder(model, args.device, args.text_batch_size, bf16),
+                             langs=_langs(args.langs), text_batch_size=args.text_batch_size,
+                             progress=not args.no_progress)
+    skipped = stats.as_dict()
+    if items.missing:
+        skipped["missing_image"] = skipped.get("missing_image", 0) + len(items.missing)
+        res["warnings"].append(f"{len(items.missing)} images named by the annotations are not in {args.image_dir} "
+                               f"(e.g. {items.missing[0]}); left out of every language")
+    meta = _metadata(args, model=os.path.abspath(args.model), model_id=model_fingerprint(args.model),
+                     data=os.path.abspath(args.annotations), images=os.path.abspath(args.image_dir),
+                     format=args.format, n_images=int(emb.shape[0]), skipped=skipped, precision=args.precision)
+    return _finish(res, args, f"retrieval-{args.format}", meta)
 
 
 def run_metrics(args) -> int:
@@ -345,7 +406,7 @@ def _generate_and_score(args) -> int:
         raise DataError(f"model not found: {args.model} (give a directory written by VisionLLM.save_pretrained)")
     from vlm.vision_llm import VisionLLM
 
-    model = VisionLLM.from_pretrained(args.model, device=args.device)
+    model = VisionLLM.from_pretrained(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     kw = dict(langs=_langs(args.langs), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               limit=args.limit, device=args.device, progress=not args.no_progress, num_workers=args.workers)
     meta = _metadata(args, model=os.path.abspath(args.model))
