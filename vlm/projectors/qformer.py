@@ -51,12 +51,16 @@ from torch import nn
 
 from vlm.errors import UserError
 from vlm.projectors.mlp import freeze_parameters
-from vlm.registry import register_family
+from vlm.registry import SpecError, register_family
 
 log = logging.getLogger(__name__)
 
 _ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class QFormerConfigError(SpecError):
+    """A Q-Former spec or option that does not make a Q-Former (a one-line user error)."""
 
 
 @dataclass
@@ -82,12 +86,12 @@ class QFormerConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"Q-Former hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+            raise QFormerConfigError(f"Q-Former hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}; set num_attention_heads (spec token 'a<n>')")
         if self.hidden_act not in _ACT:
-            raise ValueError(f"Q-Former hidden_act {self.hidden_act!r} unknown; choose one of {sorted(_ACT)}")
+            raise QFormerConfigError(f"Q-Former hidden_act {self.hidden_act!r} unknown; choose one of {sorted(_ACT)}")
         if self.cross_attention_frequency < 1 or self.num_query_tokens < 1 or self.num_hidden_layers < 1:
-            raise ValueError(f"Q-Former needs >= 1 query, layer and cross_attention_frequency, got {self}")
+            raise QFormerConfigError(f"Q-Former needs >= 1 query, layer and cross_attention_frequency, got {self}")
 
 
 # ----------------------------------------------------------------------------------------- layers (HF names)
@@ -467,7 +471,7 @@ def qformer_config_from_name(name: str, in_dim: int, **cfg) -> QFormerConfig:
         for tok in name.split("-"):
             m = _TOKEN.match(tok)
             if not m:
-                raise ValueError(f"bad Q-Former spec token {tok!r} in 'qformer:{name}'; tokens are "
+                raise QFormerConfigError(f"bad Q-Former spec token {tok!r} in 'qformer:{name}'; tokens are "
                                  f"q<queries> l<layers> h<hidden> a<heads> x<cross-attn freq> i<intermediate>, "
                                  f"e.g. 'qformer:q32-l2' (or 'qformer:base', 'qformer:hf:/dir')")
             kw[_TOKEN_FIELD[m.group(1)]] = int(m.group(2))
@@ -479,7 +483,7 @@ def qformer_config_from_name(name: str, in_dim: int, **cfg) -> QFormerConfig:
     valid = {f.name for f in dataclasses.fields(QFormerConfig)}
     unknown = sorted(set(kw) - valid)
     if unknown:
-        raise ValueError(f"unknown Q-Former option(s) {unknown}; valid: {sorted(valid)}")
+        raise QFormerConfigError(f"unknown Q-Former option(s) {unknown}; valid: {sorted(valid)}")
     return QFormerConfig(**kw)
 
 
