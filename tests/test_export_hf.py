@@ -27,8 +27,8 @@ def make_tokenizer():
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """Tiny CLIP, SigLIP, SigLIP-vision, BERT directories and a tiny Llama directory."""
-    from transformers import (BertConfig, BertModel, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel,
-                              SiglipVisionConfig, SiglipVisionModel)
+    from transformers import (BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
+                              SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
     from vlm.llms.tiny import build_tiny_llm
 
@@ -42,6 +42,7 @@ def hf_dirs(tmp_path_factory):
                                      vision_config=vision, projection_dim=24)),
         "siglip": SiglipModel(SiglipConfig(text_config=text, vision_config=vision)),
         "siglip_vision": SiglipVisionModel(SiglipVisionConfig(**vision)),
+        "clip_vision": CLIPVisionModel(CLIPVisionConfig(**vision)),
         "bert": BertModel(BertConfig(vocab_size=64, max_position_embeddings=40, pad_token_id=0, **SMALL)),
     }
     out = {}
@@ -225,6 +226,89 @@ def test_vision_llm_mlp_exports_to_llava_and_loads_back(hf_dirs, tmp_path):
     _check_vision_llm(VisionLLM.from_pretrained(out), hf)
 
 
+@pytest.mark.parametrize("name,layer,select", [("clip_vision", -2, "default"), ("siglip_vision", -2, "full"),
+                                               ("clip_vision", 0, "full")])
+def test_vision_llm_feature_layer_tower_exports_to_llava_and_loads_back(hf_dirs, tmp_path, name, layer, select):
+    """LLaVA-1.5's layout (CLIP, hidden_states[-2], CLS dropped) and a SigLIP penultimate layer."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vlm.export import export_hf
+    from vlm.vision_llm import VisionLLM
+
+    opts = {"feature_layer": layer, "feature_select": select}
+    model = _vision_llm(f"hf:{hf_dirs[name]}", opts, "mlp2x_gelu", hf_dirs["llama"])
+    assert model.num_image_tokens == 16 + (name == "clip_vision") - (select == "default") == model.tower.num_tokens
+    out, cls_name = export_hf(model.save_pretrained(tmp_path / "vlm"), tmp_path / "llava")
+    assert cls_name == "LlavaForConditionalGeneration"
+    cfg = json.loads((out / "config.json").read_text())
+    # hidden_states[0] is written as -3 (of 3): Llava passes the layer as output_hidden_states, where 0 is "none"
+    assert (cfg["vision_feature_layer"], cfg["vision_feature_select_strategy"]) == (layer or -3, select)
+    assert cfg["image_seq_length"] == model.num_image_tokens
+    assert cfg["vision_config"]["model_type"] == name.replace("_vision", "_vision_model")
+    hf = LlavaForConditionalGeneration.from_pretrained(str(out)).eval()
+    _check_vision_llm(VisionLLM.from_pretrained(tmp_path / "vlm"), hf)
+    proc = AutoProcessor.from_pretrained(str(out))  # expands <image> to the tower's token count
+    text = model.prompt_builder.prompt_text(model.make_prompt("caption", "en"), "en")
+    enc = proc(images=torch.zeros(3, 32, 32, dtype=torch.uint8), text=text, return_tensors="pt")
+    assert enc["input_ids"][0].tolist() == model.prompt_builder([model.make_prompt("caption", "en")], None,
+                                                                ["en"])["input_ids"][0].tolist()
+    back = VisionLLM.from_pretrained(out)  # Llava dir -> hf:<parts>/tower with the same options
+    assert {k: back.config.tower_cfg.get(k, "full") for k in opts} == {**opts, "feature_layer": layer or -3}
+    _check_vision_llm(back, hf)
+
+
+def _llava_dir(hf_dirs, root, vision: str, **kw):
+    """A tiny LLaVA built with transformers alone (random weights), with the tiny Llama's tokenizer."""
+    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, SiglipVisionConfig)
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dirs["llama"]))
+    vcls = CLIPVisionConfig if vision == "clip" else SiglipVisionConfig
+    config = LlavaConfig(vision_config=vcls(image_size=32, patch_size=8, **SMALL),
+                         text_config=LlamaConfig.from_pretrained(str(hf_dirs["llama"])),
+                         image_token_index=tok.convert_tokens_to_ids("<image>"), **kw)
+    torch.manual_seed(3)
+    hf = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n and n.endswith("weight"):
+                p.add_(torch.randn_like(p) * 0.2)
+    hf.save_pretrained(str(root))
+    tok.save_pretrained(str(root))
+    return root, hf
+
+
+@pytest.mark.parametrize("vision,layer,select", [("clip", -2, "default"), ("siglip", -1, "default"),
+                                                 ("clip", 1, "full")])
+def test_transformers_llava_loads_as_vision_llm(hf_dirs, tmp_path, vision, layer, select):
+    from vlm.vision_llm import VisionLLM
+
+    src, hf = _llava_dir(hf_dirs, tmp_path / "llava", vision, vision_feature_layer=layer,
+                         vision_feature_select_strategy=select)  # image_seq_length: the default 576, unused
+    model = VisionLLM.from_pretrained(src)  # dispatches to load_hf_vision_llm
+    assert model.config.tower == f"hf:{src / 'vlm_parts' / 'tower'}" and model.config.projector == "mlp2x_gelu"
+    assert model.config.tower_cfg["feature_layer"] == layer
+    assert model.config.tower_cfg.get("feature_select", "full") == select
+    assert model.num_image_tokens == 16 + (vision == "clip") - (select == "default")
+    diff = _check_vision_llm(model, hf)
+    again = VisionLLM.from_pretrained(model.save_pretrained(tmp_path / "vlm"))  # saves like any vision-LLM
+    assert again.config.tower_cfg == model.config.tower_cfg
+    _check_vision_llm(again, hf)
+    print(f"llava {vision} layer {layer} {select}: max |logit diff| {diff:.2e}")
+
+
+def test_transformers_llava_layouts_vlm_cannot_hold_are_one_line_errors(hf_dirs, tmp_path):
+    from vlm.errors import UserError
+    from vlm.export import load_hf_vision_llm
+
+    for i, (kw, words) in enumerate([({"projector_hidden_act": "relu"}, "projector activation 'relu'"),
+                                     ({"vision_feature_layer": [-2, -1]}, "concatenates")]):
+        src, _ = _llava_dir(hf_dirs, tmp_path / f"l{i}", "clip", **kw)
+        with pytest.raises(UserError, match=words) as e:
+            load_hf_vision_llm(src)
+        assert "\n" not in str(e.value)
+
+
 def test_vision_llm_qformer_exports_to_blip2_and_loads_back(hf_dirs, tmp_path):
     from transformers import Blip2ForConditionalGeneration
 
@@ -244,7 +328,7 @@ def test_vision_llm_parts_transformers_cannot_hold_are_one_line_errors(hf_dirs, 
     from vlm.errors import UserError
     from vlm.export import export_hf
 
-    cases = [(f"hf:{hf_dirs['clip']}", {"side": "image"}, "mlp2x_gelu", "CLIP"),
+    cases = [(f"hf:{hf_dirs['clip']}", {"side": "image"}, "mlp2x_gelu", "CLIP.*feature_layer=-2"),
              (f"hf:{hf_dirs['siglip_vision']}", {}, "moe:e2-top1", "projector 'moe:e2-top1'"),
              ("tiny:vit", {}, "mlp2x_gelu", "tower 'tiny:vit'"),
              (f"hf:{hf_dirs['siglip_vision']}", {}, "qformer:q4-l1-h32-a2", "no CLS token")]

@@ -10,13 +10,16 @@ else the export is a one-line :class:`~vlm.errors.UserError` naming the part and
 
 * ``mlp2x_gelu`` (``mlp:2x_gelu``, with or without bias; no ``ln_vision``) -> **LLaVA**
   (``multi_modal_projector.linear_1 / linear_2``). LLaVA feeds the projector ``hidden_states[vision_feature_layer]``
-  of its vision tower (``AutoModel`` of ``vision_config``), minus CLS with strategy ``default``. vlm's ``hf:``
-  towers feed the projector the *post-LayerNorm* last layer on all tokens. For SigLIP that is
-  ``last_hidden_state``, and ``vision_config.tie_last_hidden_states = true`` makes transformers' output capture
-  put it as ``hidden_states[-1]``: the export uses ``vision_feature_layer=-1``, strategy ``full``, and
-  ``image_seq_length`` = the tower's tokens. CLIP's ``last_hidden_state`` is *before* ``post_layernorm`` (CLIP
-  norms only the pooled CLS), and no vision class LLaVA loads norms all tokens after a CLIP encoder, so a CLIP
-  tower is refused (as is ``ln_vision``: LLaVA's projector has no LayerNorm).
+  of its vision tower (``AutoModel`` of ``vision_config``), minus the first token with strategy ``default``. An
+  ``hf:`` CLIP or SigLIP tower with ``feature_layer=k`` / ``feature_select=s`` computes exactly that on the same
+  vision class and config (llava-1.5: CLIP, -2, ``default``): the export writes ``vision_feature_layer=k`` (0 as
+  ``-(layers + 1)``: Llava passes the layer as ``output_hidden_states``, where 0 means none), strategy ``s``, the
+  tower's ``tie_last_hidden_states`` and ``image_seq_length`` = the tower's tokens. Without ``feature_layer`` the
+  tower gives the post-LayerNorm last layer: for SigLIP that is ``last_hidden_state``, and
+  ``tie_last_hidden_states = true`` puts it in ``hidden_states[-1]`` (layer -1); CLIP's ``last_hidden_state`` is
+  *before* ``post_layernorm`` (CLIP norms only the pooled CLS) and no class LLaVA loads norms all tokens after a
+  CLIP encoder, so that tower is refused, naming ``feature_layer=-2`` / ``-1`` (``ln_vision`` is refused too:
+  LLaVA's projector has no LayerNorm).
 * a Q-Former (``qformer:...``, no ``ln_vision``) -> **BLIP-2**. BLIP-2's vision model is always
   ``Blip2VisionModel``: a ViT with a CLS token, no pre-LayerNorm, fused ``qkv`` and a post-LayerNorm over all
   tokens, which the Q-Former reads. A timm ViT (``timm:vit_*``: class token, no ``pre_norm``, no register
@@ -34,11 +37,12 @@ same ids as vlm's prompts) or ``Blip2Processor`` (``BlipImageProcessor`` resizin
 mean/std; it puts the ``num_query_tokens`` image tokens *before* ``<s>``, so for vlm's own layout pass
 ``input_ids`` from vlm's prompt builder).
 
-Reverse (:func:`vlm.export.hf_vlm_load.load_hf_vision_llm`): a Llava directory that matches the layout above (SigLIP vision,
-``tie_last_hidden_states``, layer -1, ``full``) or a Blip2 directory becomes a :class:`VisionLLM` built from
-specs: its parts are written once into ``parts_dir`` (default ``<dir>/vlm_parts``): ``tower/`` (a SigLIP vision
-directory, or ``tower.safetensors`` for a timm ViT), ``llm/`` (the language model and tokenizer); the projector
-loads from the source (``qformer:hf:<dir>``) or from ``projector.safetensors``. The result saves and reloads
+Reverse (:func:`vlm.export.hf_vlm_load.load_hf_vision_llm`): a Llava directory with CLIP or SigLIP vision, one
+``vision_feature_layer``, strategy ``default``/``full`` and a GELU projector, or a Blip2 directory, becomes a
+:class:`VisionLLM` built from specs: its parts are written once into ``parts_dir`` (default ``<dir>/vlm_parts``):
+``tower/`` (the CLIP / SigLIP vision directory, loaded with the matching ``feature_layer`` / ``feature_select``, or
+``tower.safetensors`` for a timm ViT), ``llm/`` (the language model and tokenizer); the projector loads from the
+source (``qformer:hf:<dir>``) or from ``projector.safetensors``. The result saves and reloads
 like any vision-LLM.
 """
 from __future__ import annotations
@@ -115,7 +119,6 @@ def _llava(model):
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from vlm.export.hf_dual import image_processor_for
-    from vlm.towers.hf import HFImageTower
 
     proj, tower = model.projector, model.tower
     if proj.depth != 2 or proj.act != "gelu":
@@ -124,19 +127,21 @@ def _llava(model):
     if proj.ln_vision is not None:
         raise _err(f"the projector {model.config.projector!r} has ln_vision (a LayerNorm over the tower tokens), "
                    "which Llava's projector has no place for; train mlp2x_gelu without ln_vision to export to Llava")
-    if not isinstance(tower, HFImageTower) or tower.family != "siglip":
-        kind = f"an hf {tower.family.upper()} tower" if isinstance(tower, HFImageTower) else type(tower).__name__
-        raise _err(f"the tower {model.config.tower!r} is {kind}; Llava export needs an hf: SigLIP vision tower "
-                   "(vlm feeds the projector the post-LayerNorm last layer on all tokens, which Llava reads from "
-                   "SigLIP as hidden_states[-1]; CLIP norms only its CLS token there)")
+    layer, strategy, tie = _llava_features(model)
     lm_sd, text_config = _llm_state(model)
     vc = tower.core.config.to_dict()
     vc.pop("_name_or_path", None)
-    vc.update(model_type="siglip_vision_model", tie_last_hidden_states=True,
-              vision_use_head=tower.head is not None)
+    vc.pop("tie_last_hidden_states", None)
+    if tower.family == "siglip":
+        vc.update(model_type="siglip_vision_model", vision_use_head=tower.head is not None)
+    else:
+        vc.update(model_type="clip_vision_model")
+    if tie is not None:
+        vc["tie_last_hidden_states"] = tie
     l1, l2 = proj.net[0], proj.net[2]
     config = LlavaConfig(vision_config=vc, text_config=text_config.to_dict(), image_token_id=model.llm.image_token_id,
-                         projector_hidden_act="gelu", vision_feature_select_strategy="full", vision_feature_layer=-1,
+                         projector_hidden_act="gelu", vision_feature_select_strategy=strategy,
+                         vision_feature_layer=layer,
                          image_seq_length=model.num_image_tokens, multimodal_projector_bias=l1.bias is not None,
                          tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
     hf = LlavaForConditionalGeneration(config)
@@ -150,11 +155,35 @@ def _llava(model):
         sd["lm_head." + k[len("lm_head."):] if k.startswith("lm_head.") else
            "model.language_model." + k.removeprefix("model.")] = v
     _load(hf, sd)
-    ip = _tower_image_processor(tower) or image_processor_for(model.image_preprocess, "siglip")
+    ip = _tower_image_processor(tower) or image_processor_for(model.image_preprocess, tower.family)
     processor = LlavaProcessor(image_processor=ip, tokenizer=model.llm.tokenizer,
-                               patch_size=tower.core.config.patch_size, vision_feature_select_strategy="full",
-                               image_token="<image>", num_additional_image_tokens=0)
+                               patch_size=tower.core.config.patch_size, vision_feature_select_strategy=strategy,
+                               image_token="<image>", num_additional_image_tokens=int(tower.family == "clip"))
     return hf, processor
+
+
+def _llava_features(model) -> tuple[int, str, bool | None]:
+    """The tower's features as Llava reads them: (vision_feature_layer, strategy, the vision config's
+    ``tie_last_hidden_states``: None = leave the tower's own); else the one-line UserError."""
+    from vlm.towers.hf import HFImageTower
+
+    tower, spec = model.tower, model.config.tower
+    if not isinstance(tower, HFImageTower) or tower.family not in ("siglip", "clip"):
+        kind = f"an hf {tower.family} tower" if isinstance(tower, HFImageTower) else type(tower).__name__
+        raise _err(f"the tower {spec!r} is {kind}; Llava export needs an hf: CLIP or SigLIP vision tower")
+    strategy = tower.feature_select
+    if tower.feature_layer is not None:
+        # hidden_states[k] of the same vision class and config as Llava builds: exact by construction
+        tie = getattr(tower.core.config, "tie_last_hidden_states", None)
+        layer = int(tower.feature_layer)
+        # Llava passes the layer as output_hidden_states, where 0 means "none": the same entry, counted from the end
+        return (layer or -(tower.core.config.num_hidden_layers + 1)), strategy, tie
+    if tower.family == "siglip":  # last_hidden_state is post-LayerNorm; tied, it is hidden_states[-1]
+        return -1, strategy, True
+    raise _err(f"the tower {spec!r} gives the last CLIP layer after post_layernorm on all tokens, which Llava "
+               "cannot read (CLIP norms only its pooled CLS token); build the tower with feature_layer=-2 "
+               "(LLaVA-1.5) or feature_layer=-1 (the last layer without the post-norm), feature_select "
+               "default|full, to export to Llava")
 
 
 def _tower_image_processor(tower):

@@ -1,10 +1,15 @@
 """Llava / Blip2 directories back into vlm: :func:`load_hf_vision_llm` (the reverse of :mod:`vlm.export.hf_vlm`).
 
-A Llava in the layout the export writes (SigLIP vision with ``tie_last_hidden_states``, ``vision_feature_layer=-1``,
-strategy ``full``, GELU projector) or a Blip2 (ViT vision with qkv bias, exact GELU, eps 1e-6; causal LM) becomes a
-:class:`~vlm.vision_llm.VisionLLM` built from specs: the vision tower is written to ``parts_dir/tower/`` (an
-``hf:`` SigLIP directory) or ``parts_dir/tower.safetensors`` (a ``timm:vit_*`` tower's weights), the LLM to
-``parts_dir/llm/`` (``hf:``); the projector is ``mlp2x_gelu`` with Llava's weights or ``qformer:hf:<dir>``. Other
+A Llava with a CLIP or SigLIP vision tower, one ``vision_feature_layer`` (an int: -2 for llava-1.5, -1 ...), strategy
+``default`` or ``full`` and a GELU projector (``multi_modal_projector.linear_1 / linear_2`` -> ``mlp2x_gelu``
+``net.0 / net.2``), or a Blip2 (ViT vision with qkv bias, exact GELU, eps 1e-6; causal LM) becomes a
+:class:`~vlm.vision_llm.VisionLLM` built from specs: the vision tower is written to ``parts_dir/tower/`` (an ``hf:``
+CLIP / SigLIP directory, built with ``feature_layer`` / ``feature_select`` to match; a SigLIP with
+``tie_last_hidden_states`` at layer -1, as vlm export writes it, needs no ``feature_layer``: that is the
+post-LayerNorm last layer, the tower's default) or ``parts_dir/tower.safetensors`` (a ``timm:vit_*`` tower's
+weights), the LLM to ``parts_dir/llm/`` (``hf:``); the projector is ``mlp2x_gelu`` with Llava's weights or
+``qformer:hf:<dir>``. Llava's ``image_seq_length`` is only its processor's: the number of image tokens is the
+tower's (patches + CLS for CLIP, minus 1 with ``default``). Other
 layouts are a :class:`~vlm.errors.UserError` saying which setting vlm's towers cannot reproduce.
 """
 from __future__ import annotations
@@ -80,29 +85,46 @@ def _from_llava(src: Path, config, parts: Path):
     from transformers import LlavaForConditionalGeneration
 
     vc = config.vision_config
-    if not (vc.model_type == "siglip_vision_model" and getattr(vc, "tie_last_hidden_states", False)
-            and config.vision_feature_layer == -1 and config.vision_feature_select_strategy == "full"):
-        raise UserError(f"{src}: this Llava reads hidden_states[{config.vision_feature_layer}] "
-                        f"({config.vision_feature_select_strategy}) of a {vc.model_type}; vlm's hf towers give the "
-                        "post-LayerNorm last layer, so only a SigLIP vision tower with tie_last_hidden_states, "
-                        "vision_feature_layer=-1 and strategy 'full' (what vlm export writes) loads")
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    if vc.model_type not in ("siglip_vision_model", "clip_vision_model"):
+        raise UserError(f"{src}: this Llava's vision tower is a {vc.model_type!r}; vlm's hf: towers load CLIP "
+                        "(clip_vision_model) and SigLIP (siglip_vision_model) vision towers")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise UserError(f"{src}: this Llava concatenates the hidden states of layers {layer}; vlm's hf: towers give "
+                        "one layer (vision_feature_layer an int, e.g. -2 or -1)")
+    if strategy not in ("default", "full"):
+        raise UserError(f"{src}: vision_feature_select_strategy {strategy!r}; vlm's hf: towers take 'default' "
+                        "(drop the first token) or 'full'")
     if config.projector_hidden_act != "gelu":
-        raise UserError(f"{src}: Llava projector activation {config.projector_hidden_act!r}; vlm's mlp2x_gelu is gelu")
+        raise UserError(f"{src}: Llava projector activation {config.projector_hidden_act!r}; vlm's mlp2x_gelu is "
+                        "linear -> GELU -> linear, so only projector_hidden_act='gelu' loads")
     hf = LlavaForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32)
     tower_dir = parts / "tower"
     vision = hf.model.vision_tower
-    vision.config.tie_last_hidden_states = True
-    vision.save_pretrained(str(tower_dir))
+    vision.save_pretrained(str(tower_dir))  # its config as it is: tie_last_hidden_states decides hidden_states[-1]
     if (src / "preprocessor_config.json").is_file():
         (tower_dir / "preprocessor_config.json").write_text((src / "preprocessor_config.json").read_text(
             encoding="utf-8"), encoding="utf-8")
+    tied = getattr(vc, "tie_last_hidden_states", None)
+    if vc.model_type == "siglip_vision_model" and layer == -1 and tied:
+        tower_cfg = {}  # hidden_states[-1] tied = last_hidden_state: the tower's default (post-LayerNorm) tokens
+    else:
+        tower_cfg = {"feature_layer": int(layer)}
+    if strategy == "default":
+        tower_cfg["feature_select"] = "default"
+    if vc.model_type == "siglip_vision_model" and not getattr(vc, "vision_use_head", True):
+        tower_cfg["pooling"] = "mean"  # no attention-pooling head to pool with (Llava never pools)
     llm = _save_llm(hf.model.language_model, hf.lm_head, config.text_config, src, parts / "llm")
     mm = hf.model.multi_modal_projector
     psd = {**{f"net.0.{k}": v for k, v in mm.linear_1.state_dict().items()},
            **{f"net.2.{k}": v for k, v in mm.linear_2.state_dict().items()}}
     bias = mm.linear_1.bias is not None
-    return _build({"tower": f"hf:{tower_dir}", "projector": "mlp2x_gelu", "projector_cfg": {"bias": bias},
-                   "llm": llm}, psd)
+    model = _build({"tower": f"hf:{tower_dir}", "tower_cfg": tower_cfg, "projector": "mlp2x_gelu",
+                    "projector_cfg": {"bias": bias}, "llm": llm}, psd)
+    if model.llm.image_token_id != config.image_token_id:
+        raise UserError(f"{src}: image_token_id is {config.image_token_id} but its tokenizer's <image> token is "
+                        f"{model.llm.image_token_id}; vlm's prompts put the tokenizer's <image> where the image goes")
+    return model
 
 
 def _from_blip2(src: Path, config, parts: Path):

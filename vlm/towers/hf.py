@@ -24,7 +24,9 @@ pooling are taken out of the transformers module and run in ``pool()``, so ``for
 ``pool`` stay separate and unused heads are dropped (they would get no gradient).
 
 ``forward`` returns ``(tokens, {})``. Tokens: CLIP vision ``post_layernorm(last_hidden_state)``; SigLIP and
-text models ``last_hidden_state``.
+text models ``last_hidden_state``. Image towers take LLaVA's feature options: ``feature_layer=-2`` gives
+``hidden_states[-2]`` (the penultimate layer, no final norm) and ``feature_select="default"`` drops the first
+(CLS) token, as llava-1.5 feeds its projector; ``encode`` stays the model's own pooled output.
 The tokenizer is ``AutoTokenizer`` from the directory (or ``tokenizer=<dir>``), padded to a fixed
 ``context_length`` (default: the text model's positions for CLIP/SigLIP, else min(77, positions - 2)).
 SigLIP text is run without the attention mask, as it was trained (its HF tokenizer returns none).
@@ -158,30 +160,79 @@ class _HFTowerMixin:
 
 
 class HFImageTower(_HFTowerMixin, ImageTower):
-    """CLIP / SigLIP vision: ``pixels [B,3,S,S]`` -> tokens ``[B, N, hidden]`` -> ``[B, embed_dim]``."""
+    """CLIP / SigLIP vision: ``pixels [B,3,S,S]`` -> tokens ``[B, N, hidden]`` -> ``[B, embed_dim]``.
 
-    def __init__(self, core: nn.Module, family: str, pooling: str, head, proj, preprocess: ImagePreprocess):
+    ``feature_layer`` None: the tokens are the last layer after the final norm (CLIP ``post_layernorm`` over
+    all tokens, SigLIP ``last_hidden_state``); an int: ``hidden_states[feature_layer]`` as transformers returns
+    it with ``output_hidden_states`` (LLaVA's ``vision_feature_layer``: entry 0 the embeddings, -1 the last
+    layer without the final norm unless the config ties it, -2 the penultimate). ``feature_select``
+    ``"default"`` drops the first token as LLaVA's strategy of that name does (the CLS token of CLIP; SigLIP
+    has none, so there it is the first patch), ``"full"`` keeps all. ``encode`` is always the model's own
+    pooled output (computed from the final layer of the same forward); ``pool(tokens)`` is the tower's
+    pooling of the tokens it is given (with non-default options: of that layer, CLIP's ``post_layernorm``
+    applied, the mean when the CLS token was dropped)."""
+
+    def __init__(self, core: nn.Module, family: str, pooling: str, head, proj, preprocess: ImagePreprocess,
+                 feature_layer: int | None = None, feature_select: str = "full"):
         super().__init__()
         self.core, self.family, self.pooling = core, family, pooling
         self.head = head  # SigLIP attention-pooling head (pooling "pooler") or None
         self.proj = proj  # CLIP visual_projection or None
         self.preprocess = preprocess
+        self.feature_layer, self.feature_select = feature_layer, feature_select
         vc = core.config
         self.width = vc.hidden_size
         self.embed_dim = proj.out_features if proj is not None else vc.hidden_size
         grid = vc.image_size // vc.patch_size
-        self.num_tokens = grid * grid + (1 if family == "clip" else 0)
+        self.num_tokens = grid * grid + (1 if family == "clip" else 0) - (1 if feature_select == "default" else 0)
+
+    @property
+    def selects_features(self) -> bool:
+        """True when ``forward`` gives other tokens than the final normed layer (``feature_*`` options)."""
+        return self.feature_layer is not None or self.feature_select != "full"
+
+    def _final(self, out) -> torch.Tensor:
+        h = out.last_hidden_state
+        return self.core.post_layernorm(h) if self.family == "clip" else h
+
+    def _run(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the selected tokens, the final normed tokens) of one forward of the vision model."""
+        if self.feature_layer is None:
+            tokens = final = self._final(self.core(pixel_values=pixels))
+        else:
+            out = self.core(pixel_values=pixels, output_hidden_states=True)
+            tokens, final = out.hidden_states[self.feature_layer], self._final(out)
+        return (tokens[:, 1:] if self.feature_select == "default" else tokens), final
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        h = self.core(pixel_values=pixels).last_hidden_state
-        return (self.core.post_layernorm(h) if self.family == "clip" else h), {}
+        return self._run(pixels)[0], {}
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _pool_final(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pooling == "pooler":
             x = tokens[:, 0] if self.family == "clip" else self.head(tokens)
         else:
             x = pool_tokens(tokens, None, self.pooling)
         return self.proj(x) if self.proj is not None else x
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.selects_features:
+            return self._pool_final(tokens)
+        if self.family == "clip":
+            tokens = self.core.post_layernorm(tokens)
+        if self.pooling in ("pooler", "cls") and self.feature_select == "default" and self.family == "clip":
+            x = tokens.mean(1)  # the CLS token is not among these tokens
+        elif self.pooling == "pooler":
+            x = tokens[:, 0] if self.family == "clip" else self.head(tokens)
+        else:
+            x = pool_tokens(tokens, None, self.pooling)
+        return self.proj(x) if self.proj is not None else x
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if not self.selects_features:
+            return super().encode(pixels)
+        if pixels.dtype == torch.uint8:
+            pixels = self.preprocess.normalize(pixels)
+        return self._pool_final(self._run(pixels)[1]), {}
 
 
 class HFTextTower(_HFTowerMixin, TextTower):
@@ -271,10 +322,14 @@ def _detach(core: nn.Module, attr: str):
                                                      "hf:/models/xlm-roberta-base"))
 def build_hf(name: str, side: str | None = None, pretrained: None = None, pooling: str | None = None,
              context_length: int | None = None, tokenizer: str | None = None, load_weights: bool = True,
-             dtype: str = "float32", trust_remote_code: bool = False):
+             dtype: str = "float32", trust_remote_code: bool = False, feature_layer: int | None = None,
+             feature_select: str = "full"):
     """``hf:<dir>``; ``side`` image/text (needed for CLIP and SigLIP dirs that hold both); ``pooling``
     pooler|cls|mean|last; ``tokenizer`` another directory for the tokenizer files; ``trust_remote_code``
-    lets the directories' own Python code run (the caller's decision only)."""
+    lets the directories' own Python code run (the caller's decision only); image side only:
+    ``feature_layer`` (None: the last layer after the final norm; an int: that entry of ``hidden_states``,
+    as LLaVA's ``vision_feature_layer``, e.g. -2) and ``feature_select`` full|default (LLaVA's strategies:
+    ``default`` drops the first token, CLIP's CLS)."""
     from transformers import AutoConfig
 
     if pretrained is not None:
@@ -304,6 +359,7 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
     pooling = pooling or ("mean" if family == "encoder" else "pooler")
     if pooling not in _POOLINGS:
         raise SpecError(f"hf:{name}: unknown pooling {pooling!r}; choose one of {', '.join(_POOLINGS)}")
+    feature_layer = _feature_options(name, side, config, feature_layer, feature_select)
     sub, proj_attr = sides[side]
     model, core = _load_core(path, config, cls_name, sub, load_weights, getattr(torch, dtype), trust)
     proj = getattr(model, proj_attr) if proj_attr else None
@@ -316,7 +372,8 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
             head = head if pooling == "pooler" else None
         else:
             head = None
-        tower = HFImageTower(core, family, pooling, head, proj, _image_preprocess(path, core.config, family))
+        tower = HFImageTower(core, family, pooling, head, proj, _image_preprocess(path, core.config, family),
+                             feature_layer, feature_select)
     else:
         head = None
         if family == "siglip":
@@ -338,8 +395,36 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
     tower.spec = f"hf:{name}"
     tower.build_cfg = {"pooling": pooling, "load_weights": load_weights, "dtype": dtype,
                        **({"context_length": context_length} if context_length else {}),
-                       **({"tokenizer": tokenizer} if tokenizer else {})}
+                       **({"tokenizer": tokenizer} if tokenizer else {}),
+                       **({"feature_layer": feature_layer} if feature_layer is not None else {}),
+                       **({"feature_select": feature_select} if feature_select != "full" else {})}
     return tower
+
+
+_FEATURE_SELECTS = ("full", "default")
+
+
+def _feature_options(name: str, side: str, config, feature_layer, feature_select) -> int | None:
+    """Check the image-tower feature options; returns ``feature_layer`` as an int (or None)."""
+    if side != "image":
+        if feature_layer is not None or feature_select != "full":
+            raise SpecError(f"hf:{name}: feature_layer / feature_select are image-tower options; the {side} "
+                            f"tower takes neither")
+        return None
+    if feature_select not in _FEATURE_SELECTS:
+        raise SpecError(f"hf:{name}: unknown feature_select {feature_select!r}; choose full (all tokens) or "
+                        f"default (drop the first token, CLIP's CLS, as LLaVA does)")
+    if feature_layer is None:
+        return None
+    if isinstance(feature_layer, str) and feature_layer.strip().lstrip("+-").isdigit():
+        feature_layer = int(feature_layer)
+    vc = getattr(config, "vision_config", None) or config
+    n = int(vc.num_hidden_layers) + 1  # hidden_states: the embeddings, then each layer
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int) or not -n <= feature_layer < n:
+        raise SpecError(f"hf:{name}: feature_layer {feature_layer!r} is not an index into this model's {n} "
+                        f"hidden states; give an int from {-n} to {n - 1} (-2: the penultimate layer, as "
+                        f"LLaVA-1.5) or None for the last layer after the final norm")
+    return feature_layer
 
 
 def _code_error(name: str, d: Path, trust: bool) -> SpecError | None:
