@@ -166,9 +166,12 @@ def test_trainable_config_errors_name_the_key_and_the_choices():
         _model(mode="adapterX")
     with pytest.raises(ConfigError, match="unknown part 'vision'; the parts of this model are tower, projector, llm"):
         _model(trainable={"vision": "full"})
-    with pytest.raises(ConfigError, match=r"trainable.tower='lora' is not available for tower; choose one of "
-                                          r"frozen, full$"):
-        _model(trainable={"tower": "lora"})
+    with pytest.raises(ConfigError, match=r"trainable.projector='lora' is not available for projector; choose one "
+                                          r"of frozen, full$"):
+        _model(trainable={"projector": "lora"})
+    with pytest.raises(ConfigError, match=r"trainable.tower='prompt' is not available for tower; choose one of "
+                                          r"frozen, full, lora$"):
+        _model(trainable={"tower": "prompt"})
     with pytest.raises(ConfigError, match="frozen and full combine with nothing"):
         _model(mode="full+lora")
     with pytest.raises(ConfigError, match="unlocked_groups.tower=1 needs trainable.tower=frozen"):
