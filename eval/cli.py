@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--images", help="image shards with class ids (path, glob, brace range, '::' list)")
     src.add_argument("--image-folder", help="ImageNet-style folder: <dir>/<class folder>/<image>")
     z.add_argument("--class-map", help="JSON {folder name: class id} for --image-folder (default: sorted order)")
+    z.add_argument("--preprocess", choices=("loader", "torchvision"), default="loader",
+                   help="--image-folder pixels: the data loader's (default; as in shards) or torchvision/open_clip's "
+                        "resize-then-crop (clip_benchmark's pixels, its numbers exactly)")
     z.add_argument("--labels", help="labels file {LANG: [class_indices, labels]} (default: labels.json beside "
                                     "the images, else the bundled Babel-ImageNet babel_imagenet-93.json)")
     z.add_argument("--prompts", help="prompts file {LANG: [templates]} (default: prompts.json beside the labels, "
@@ -254,6 +257,8 @@ def run_zeroshot(args) -> int:
                                folder_batches, make_text_encoder, model_fingerprint)
 
     images = args.images or args.image_folder
+    if args.images and args.preprocess != "loader":
+        raise UserError("--preprocess torchvision is for --image-folder; shards are decoded by the loader")
     labels = load_labels(default_labels_path(args.labels, images))
     langs = resolve_langs(_langs(args.langs), labels)  # fail on unknown languages before loading anything
     prompts = None
@@ -276,7 +281,7 @@ def run_zeroshot(args) -> int:
                 raise DataError(f"--class-map {args.class_map}: need a JSON object {{folder: class id}} ({e})") from None
         from vlm.data.decode import SkipStats
 
-        ds = ImageFolderDataset(args.image_folder, model.image_preprocess, cmap)
+        ds = ImageFolderDataset(args.image_folder, model.image_preprocess, cmap, args.preprocess, wanted)
         stats = SkipStats(where="eval/image-folder")
         batches = folder_batches(ds, args.batch_size, args.workers, stats)
         emb, cls, _ = embed_images(model, batches, args.device, progress, total=-(-len(ds) // args.batch_size),
@@ -296,7 +301,7 @@ def run_zeroshot(args) -> int:
                      if os.path.exists(images) else images, labels=labels.path, labels_sha256=labels.sha256,
                      prompts=prompts.path if prompts else "label-only", prompts_sha256=prompts.sha256 if prompts
                      else None, mode=args.mode, langs=langs, n_images=int(emb.shape[0]), skipped=skipped,
-                     precision=args.precision)
+                     precision=args.precision, preprocess=args.preprocess)
     return _finish(res, args, f"zeroshot-{args.mode}", meta)
 
 

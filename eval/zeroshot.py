@@ -317,20 +317,98 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
+PREPROCESS_IMPLS = ("loader", "torchvision")
+"""How :class:`ImageFolderDataset` applies the tower's preprocessing (see there)."""
+
+
+def torchvision_geometry(decode_kw: dict):
+    """PIL RGB image -> PIL RGB ``size x size``, as open_clip's / timm's evaluation transforms do it (before
+    ``ToTensor``/``Normalize``, which the model step does on the uint8 pixels with the same arithmetic).
+    ``decode_kw`` as from :func:`vlm.data.decode.decode_settings` (``size`` or ``image_size``)."""
+    import math
+
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
+
+    size = int(decode_kw.get("size", decode_kw.get("image_size")))
+    interp = InterpolationMode.BILINEAR if decode_kw["interpolation"] == "bilinear" else InterpolationMode.BICUBIC
+    mode, crop_pct = decode_kw["resize_mode"], float(decode_kw.get("crop_pct", 1.0) or 1.0)
+    if mode == "shortest":  # open_clip: Resize(size) + CenterCrop(size); timm: Resize(floor(size / crop_pct))
+        return Compose([Resize(math.floor(size / crop_pct) if crop_pct < 1 else size, interpolation=interp),
+                        CenterCrop(size)])
+    if mode == "squash":
+        return Resize((size, size), interpolation=interp)
+    from open_clip.transform import CenterCropOrPad, ResizeKeepRatio  # longest side + zero padding
+
+    return Compose([ResizeKeepRatio(size, interpolation=interp, longest=1), CenterCropOrPad(size, fill=0)])
+
+
+def _decode_torchvision(data: bytes, geometry, max_pixels: int) -> torch.Tensor:
+    """Encoded bytes -> uint8 ``[3, S, S]`` through ``geometry`` (:func:`torchvision_geometry`): the file
+    checks of :func:`vlm.data.decode.decode_image` (formats, ``max_pixels``), then torchvision's
+    ``pil_loader`` (``convert("RGB")``: alpha dropped, not composited) and the PIL transform."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from vlm.data.decode import PIL_FORMATS, SampleSkipped
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise SampleSkipped("image_too_large", str(e)) from None
+    except Exception as e:  # UnidentifiedImageError, SyntaxError, struct errors in headers...
+        raise SampleSkipped("corrupt_image", f"{type(e).__name__}: {e}") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise SampleSkipped("image_too_large", f"{w}x{h} > max_pixels={max_pixels}")
+    if w < 1 or h < 1:
+        raise SampleSkipped("corrupt_image", f"size {w}x{h}")
+    try:
+        arr = np.array(geometry(im.convert("RGB")), dtype=np.uint8, copy=True)
+    except OSError as e:
+        raise SampleSkipped("truncated_image" if "truncated" in str(e).lower() else "corrupt_image", str(e)) from None
+    except Exception as e:  # SyntaxError, ValueError, MemoryError from broken streams
+        raise SampleSkipped("corrupt_image", f"{type(e).__name__}: {e}") from None
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise SampleSkipped("corrupt_image", f"decoded array shape {arr.shape}")
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """An ImageNet-style folder (``root/<class folder>/<image>``) -> per image ``{"pixels": uint8 [3, S, S] |
     None, "class_id": int, "key": path, "skipped": reason | None}``.
 
     Folder names map to class ids through ``class_map`` ({folder: id}) or, without one, by sorted order
-    (0, 1, ...). Pixels come from the loader's own :func:`vlm.data.decode.decode_image` with the tower's
-    ``ImagePreprocess`` (size, resize_mode, interpolation, crop_pct; ``vlm.data.decode.decode_settings``), so
-    a folder image gives exactly the pixels it gives inside a shard. An unreadable image is not raised:
-    ``skipped`` names the reason and :func:`folder_batches` counts it."""
+    (0, 1, ...). The tower's ``ImagePreprocess`` (size, resize_mode, interpolation, crop_pct) sets the
+    geometry; ``preprocess_impl`` (:data:`PREPROCESS_IMPLS`) how it is done:
+
+    * ``"loader"`` (default): the loader's own :func:`vlm.data.decode.decode_image`
+      (``vlm.data.decode.decode_settings``), so a folder image gives exactly the pixels it gives inside a
+      shard: crop-then-resize on uint8 tensors, JPEG draft decoding for large sources, alpha on white.
+    * ``"torchvision"``: what ``torchvision.datasets.ImageFolder`` + open_clip's (and timm's) evaluation
+      transform do, i.e. clip_benchmark's pixels: PIL ``convert("RGB")``, PIL resize of the shortest side
+      (``floor(size / crop_pct)``, long side truncated) then center crop; ``squash`` / ``longest`` as open_clip.
+      Resize-then-crop samples non-square images at slightly other positions than crop-then-resize (up to
+      ~1 output pixel), so per-image scores differ a little; this mode reproduces clip_benchmark's top-1
+      exactly (tests/test_clip_benchmark_agreement.py).
+
+    ``keep_classes`` (ids): only the images of these classes are listed (and read). An unreadable image is
+    not raised: ``skipped`` names the reason and :func:`folder_batches` counts it."""
 
     EXTS = (".jpg", ".jpeg", ".png", ".webp")
+    preprocess_impl = "loader"
+    _geometry = None  # the torchvision-mode PIL transform
 
-    def __init__(self, root: str, preprocess, class_map: dict[str, int] | None = None):
+    def __init__(self, root: str, preprocess, class_map: dict[str, int] | None = None,
+                 preprocess_impl: str = "loader", keep_classes=None):
         from vlm.data.decode import decode_settings
+
+        if preprocess_impl not in PREPROCESS_IMPLS:
+            raise UserError(f"unknown image preprocessing {preprocess_impl!r}; choose one of "
+                            f"{', '.join(PREPROCESS_IMPLS)}")
 
         if not os.path.isdir(root):
             raise DataError(f"image folder not found: {root}. Give a folder with one sub-folder per class.")
@@ -347,9 +425,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                         for f in sorted(os.listdir(os.path.join(root, d))) if f.lower().endswith(self.EXTS)]
         if not self.samples:
             raise DataError(f"no .jpg/.jpeg/.png/.webp images under {root}/<class>/")
+        if keep_classes is not None:  # e.g. the evaluated languages' classes: the others are never decoded
+            keep = {int(c) for c in keep_classes}
+            self.samples = [s for s in self.samples if s[1] in keep]
         self.preprocess = preprocess
         self.decode_kw = decode_settings(preprocess)
         self.decode_kw["size"] = self.decode_kw.pop("image_size")
+        self.preprocess_impl = preprocess_impl
+        if preprocess_impl == "torchvision":
+            self._geometry = torchvision_geometry(self.decode_kw)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -361,7 +445,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         out = {"pixels": None, "class_id": cid, "key": path, "skipped": None}
         try:
             with open(path, "rb") as f:
-                out["pixels"] = decode_image(f.read(), **self.decode_kw)
+                data = f.read()
+            if self._geometry is not None:
+                out["pixels"] = _decode_torchvision(data, self._geometry, self.decode_kw["max_pixels"])
+            else:
+                out["pixels"] = decode_image(data, **self.decode_kw)
         except SampleSkipped as e:
             out["skipped"] = e.reason
         except OSError:  # vanished / unreadable file
