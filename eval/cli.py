@@ -15,7 +15,6 @@ under ``--name`` (default: the task, plus the mode for zero-shot) and prints the
   ``--format xm3600|xtd10|multi30k|xflickrco --annotations PATH --images DIR``: a benchmark in its
   published files (``eval.benchmark_formats``), each image embedded once, the same report.
 
-
 Every shard path goes through the training loader (``vlm.data.wds.make_loader`` via ``eval.shards``:
 workers, no shuffle, every sample once, bad samples skipped and counted in the report's ``skipped``).
 * ``caption`` / ``vqa``: metrics on a predictions JSONL (rows ``{id, lang, prediction, references}`` /
