@@ -344,28 +344,13 @@ def torchvision_geometry(decode_kw: dict):
 
 def _decode_torchvision(data: bytes, geometry, max_pixels: int) -> torch.Tensor:
     """Encoded bytes -> uint8 ``[3, S, S]`` through ``geometry`` (:func:`torchvision_geometry`): the file
-    checks of :func:`vlm.data.decode.decode_image` (formats, ``max_pixels``), then torchvision's
+    checks of :func:`vlm.data.decode.open_image` (formats, ``max_pixels``), then torchvision's
     ``pil_loader`` (``convert("RGB")``: alpha dropped, not composited) and the PIL transform."""
-    import io
-
     import numpy as np
-    from PIL import Image
 
-    from vlm.data.decode import PIL_FORMATS, SampleSkipped
+    from vlm.data.decode import SampleSkipped, open_image
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
-    except Image.DecompressionBombError as e:
-        raise SampleSkipped("image_too_large", str(e)) from None
-    except Exception as e:  # UnidentifiedImageError, SyntaxError, struct errors in headers...
-        raise SampleSkipped("corrupt_image", f"{type(e).__name__}: {e}") from None
-    w, h = im.size
-    if w * h > max_pixels:
-        raise SampleSkipped("image_too_large", f"{w}x{h} > max_pixels={max_pixels}")
-    if w < 1 or h < 1:
-        raise SampleSkipped("corrupt_image", f"size {w}x{h}")
+    im = open_image(data, max_pixels)
     try:
         arr = np.array(geometry(im.convert("RGB")), dtype=np.uint8, copy=True)
     except OSError as e:

@@ -151,9 +151,11 @@ def _resize_crop(x: torch.Tensor, size: int, mode: str, interpolation: str, crop
     return x.contiguous()
 
 
-def decode_image(data: bytes, size: int, *, resize_mode: str = "shortest", interpolation: str = "bicubic",
-                 crop_pct: float = 1.0, max_pixels: int = 40_000_000, jpeg_draft: bool = True) -> torch.Tensor:
-    """Encoded JPEG/PNG/WEBP bytes -> uint8 ``[3, size, size]`` RGB. Raises :class:`SampleSkipped`."""
+def open_image(data: bytes, max_pixels: int = 40_000_000):
+    """Encoded bytes -> a lazily decoded PIL image, after the checks every image reader makes: the format is
+    judged by content (JPEG/PNG/WEBP only), and ``width * height`` is checked against ``max_pixels`` from the
+    header, before any pixel is decoded. Raises :class:`SampleSkipped` (``corrupt_image``,
+    ``image_too_large``)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -167,6 +169,14 @@ def decode_image(data: bytes, size: int, *, resize_mode: str = "shortest", inter
         raise SampleSkipped("image_too_large", f"{w}x{h} > max_pixels={max_pixels}")
     if w < 1 or h < 1:
         raise SampleSkipped("corrupt_image", f"size {w}x{h}")
+    return im
+
+
+def decode_image(data: bytes, size: int, *, resize_mode: str = "shortest", interpolation: str = "bicubic",
+                 crop_pct: float = 1.0, max_pixels: int = 40_000_000, jpeg_draft: bool = True) -> torch.Tensor:
+    """Encoded JPEG/PNG/WEBP bytes -> uint8 ``[3, size, size]`` RGB. Raises :class:`SampleSkipped`."""
+    im = open_image(data, max_pixels)
+    w, h = im.size
     try:
         # the side that is scaled to ``size``: the crop of the shortest side, or the longest side
         m = max(1, round(min(w, h) * crop_pct)) if resize_mode == "shortest" else max(w, h)

@@ -243,7 +243,7 @@ def hf_model_type(path) -> str | None:
 def load_hf_dual_encoder(path):
     """A transformers ``CLIPModel`` / ``SiglipModel`` directory as a :class:`~vlm.model.DualEncoder`."""
     from vlm.model import DualEncoder, DualEncoderConfig
-    from vlm.projectors.qformer import read_hf_weights
+    from vlm.hf_weights import read_hf_weights
 
     p = Path(path).expanduser().resolve()
     mt = hf_model_type(p)

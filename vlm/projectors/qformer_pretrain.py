@@ -48,7 +48,8 @@ from torch import nn
 
 from vlm.errors import UserError
 from vlm.losses.distributed import all_gather_no_grad, all_gather_with_grad, check_equal_batch, dist_env
-from vlm.projectors.qformer import QFormerProjector, read_hf_weights
+from vlm.hf_weights import read_hf_weights
+from vlm.projectors.qformer import QFormerProjector
 
 
 def _world() -> tuple[int, int]:
