@@ -7,21 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-TEXTS = ["a photo of a cat", "ein Foto einer Katze", "une photo d'un chat", "猫 的 照片"]
-
-
-def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
-    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", bos_token="[CLS]", eos_token="[SEP]")
+from tests.test_towers import SMALL, TEXTS, make_tokenizer  # the tiny sizes and offline tokenizer of the tower tests
 
 
 @pytest.fixture(scope="module")

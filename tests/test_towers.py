@@ -28,7 +28,6 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 TEXTS = ["a photo of a cat", "ein Foto einer Katze", "une photo d'un chat", "猫 的 照片"]
 
 
-
 def make_tokenizer():
     """A small word-level tokenizer built offline, in transformers' fast-tokenizer format."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
