@@ -167,3 +167,19 @@ def test_saved_models_and_reports_follow_the_umask(tmp_path):
     assert any(f.name == "adapter_model.safetensors" for f in files) and any(f.suffix == ".png" for f in files)
     bad = [str(f) for f in files if f.stat().st_mode & 0o777 != 0o644]
     assert not bad, bad
+
+
+def test_resume_with_other_parameter_groups_is_a_checkpoint_error(tmp_path):
+    """A changed optim.part_lr regroups the parameters: the saved optimizer state cannot be mapped (it used
+    to surface as torch's ValueError traceback)."""
+    from vlm.checkpoint import load_training_state, save_training_state
+    from vlm.distributed import DistEnv
+    from vlm.train.optim import OptimConfig, build_optimizer, build_scheduler
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = build_optimizer(model, OptimConfig())
+    path = save_training_state(tmp_path / "checkpoints", 1, model, opt, build_scheduler(opt, OptimConfig(), 5),
+                               DistEnv())
+    other = build_optimizer(model, OptimConfig(part_lr={"0": 1e-3}))
+    with pytest.raises(CheckpointError, match="parameter groups.*optim.part_lr"):
+        load_training_state(path, model, other, build_scheduler(other, OptimConfig(), 5), DistEnv())

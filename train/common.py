@@ -67,7 +67,6 @@ class TrainConfig:
     stop_after: int = 0  # stop (as if killed, after checkpointing) at this step; 0 = never. For tests/debugging
 
 
-
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed python, numpy and torch; each rank gets its own stream (dropout differs across ranks)."""
     s = int(seed) + 1000 * int(rank)
@@ -84,7 +83,6 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 def set_threads(n: int) -> None:
     if n and n > 0:
         torch.set_num_threads(n)
-
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -115,8 +113,6 @@ def autocast(precision: str, device: torch.device):
     raise UserError(f"train.precision={precision!r}: choose bf16 or fp32")
 
 
-
-
 def total_steps(cfg, env) -> int:
     """Optimizer steps of a recipe config (``cfg.train``, ``cfg.data``, ``cfg.optim``): ``train.steps``, or
     ``train.epochs`` x ``data.epoch_samples`` (all ranks) / (batch x accumulation x world size)."""
@@ -128,8 +124,6 @@ def total_steps(cfg, env) -> int:
         return max(1, cfg.train.epochs * n // per_step)
     raise UserError("set train.steps, or train.epochs together with data.epoch_samples (samples per epoch, "
                     "all ranks)")
-
-
 
 
 def open_run_dir(cfg, env: "DistEnv") -> tuple[Path, Path, str | None, str, list[str]]:
@@ -155,10 +149,9 @@ def open_run_dir(cfg, env: "DistEnv") -> tuple[Path, Path, str | None, str, list
             found = (str(path) if path else None, notes, None)
         except UserError as e:
             found = (None, [], str(e))
-    resume, notes, err = broadcast_object(found, env)
+    resume, notes, err = broadcast_object(found, env)  # a collective: no rank goes on before rank 0 wrote
     if err:
         raise UserError(err)
-    barrier(env)
     return run_dir, ckpt_root, resume, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), notes
 
 
@@ -407,15 +400,11 @@ def apply_resume_policy(cfg, ckpt: Path, step: int, total: int, optimizer, sched
         raise UserError(f"checkpoint {ckpt} is at step {step} but train.steps={total}: the run is past that; "
                         f"raise train.steps above {step} to continue it, or start a new train.run_dir")
     changes = resume_changes(cfg, ckpt)
-    if len(fresh) != len(optimizer.param_groups):
-        raise UserError(f"resuming {ckpt}: this config makes {len(fresh)} optimizer groups, the checkpoint has "
-                        f"{len(optimizer.param_groups)} (optim.part_lr or trainable parts changed); resume with "
-                        f"the checkpoint's settings or start a new train.run_dir")
-    for g, f, i in zip(optimizer.param_groups, fresh, range(len(fresh))):
+    for i, (g, f) in enumerate(zip(optimizer.param_groups, fresh)):  # same groups: load_training_state checked
         for key in ("weight_decay", "betas", "eps"):
             if key in f:
                 g[key] = f[key]
-        g["initial_lr"] = f["lr"] if "initial_lr" not in f else f["initial_lr"]
+        g["initial_lr"] = f.get("initial_lr", f["lr"])
         scheduler.base_lrs[i] = g["initial_lr"]
     for g, lam, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
         g["lr"] = base * lam(scheduler.last_epoch)  # this config's schedule at the resumed step

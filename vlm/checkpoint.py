@@ -425,7 +425,12 @@ def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer, sc
             raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}; resume with the config the checkpoint was "
                                   f"written with (its config.yaml)")
-        optimizer.load_state_dict(train_state["optimizer"])
+        try:
+            optimizer.load_state_dict(train_state["optimizer"])
+        except ValueError as e:  # torch: "loaded state dict has a different number of parameter groups" ...
+            raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit this run's parameter groups "
+                                  f"({e}); optim.part_lr or the trainable parts changed: resume with the "
+                                  f"checkpoint's settings (its config.yaml) or start a new train.run_dir") from None
     scheduler.load_state_dict(train_state["scheduler"])
     rngs = train_state.get("rng") or []
     if len(rngs) == env.world_size:
