@@ -280,6 +280,12 @@ class Run:
             self.logger.message(f"stopping at step {self.step} (train.stop_after); resume with train.resume=latest")
         return stopping
 
+    def record(self, name: str, value: float) -> float:
+        """Log one scalar of this step (a validation loss) to the metrics and the console; returns it."""
+        self.logger.log(self.step, {name: value}, show=False)
+        self.logger.message(f"step {self.step}: {name} {value:.4f}")
+        return value
+
     def summary(self, **extra) -> dict:
         return {"step": self.step, "first_loss": self.first_loss, "loss": self.last_loss, "run_dir": str(self.run_dir),
                 "checkpoint": str(self.last_ckpt), "nonfinite_steps": self.guard.total, **extra}

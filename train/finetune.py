@@ -259,6 +259,4 @@ def _train(cfg: FinetuneConfig, env, task_w: dict[str, float]) -> dict:
 
 def _log_val(run: Run, *, max_batches: int, name: str = "val_loss") -> float:
     val = validation_loss(run, max_batches)
-    run.logger.log(run.step, {name: val}, show=False)
-    run.logger.message(f"step {run.step}: {name} {val:.4f}")
-    return val
+    return run.record(name, val)

@@ -223,9 +223,7 @@ def _log_val(run: Run, loss_fn, *, max_batches: int, name: str = "val_loss") -> 
     val = validation_loss(run.train_model, loss_fn, vstream, env=env, precision=cfg.train.precision,
                           max_batches=max_batches)
     run.train_model.train()
-    run.logger.log(run.step, {name: val}, show=False)
-    run.logger.message(f"step {run.step}: {name} {val:.4f}")
-    return val
+    return run.record(name, val)
 
 
 def _write_final(model: DualEncoder, cfg: PretrainConfig, out_dir: Path) -> None:

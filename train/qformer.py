@@ -220,6 +220,4 @@ def _log_val(run, max_batches: int, name: str = "val_loss") -> float:
             n += 1
     run.train_model.train()
     val = global_mean(tot, n, env)
-    run.logger.log(run.step, {name: val}, show=False)
-    run.logger.message(f"step {run.step}: {name} {val:.4f}")
-    return val
+    return run.record(name, val)
