@@ -15,6 +15,11 @@
 5. **Report**: JSON + Markdown + PNG per evaluation in ``OUT/report``; the tables are printed at the end
    with the folder's path.
 
+Other demos run the same way, one flag each (``vlm demo --real``, ``--tokenizer``, ``--embedder``,
+``--distill``): :data:`STAGES` maps the flag to a module in ``vlm.cli`` whose ``run_stage(args) -> int``
+takes the same arguments (``--out``, ``--steps``, ``--quick``, ``--workers``, ``--threads``, ``--fresh``,
+``--no-progress``); the default demo above stays the one that needs no download.
+
 ``--quick`` shrinks everything (few steps, small data) for CI and smoke tests; accuracy is then near
 chance, which the report says. ``--steps`` and ``--minutes`` trade time for accuracy.
 
@@ -29,6 +34,19 @@ import time
 from pathlib import Path
 
 from vlm.errors import UserError
+
+
+# flag -> (module in vlm.cli with run_stage(args) -> int, help)
+STAGES: dict[str, tuple[str, str]] = {
+    "real": ("vlm.cli.demo_real", "the three jobs on real pretrained parts and real multilingual data "
+                                  "(EfficientNet-Lite0, multilingual-e5-small, SmolLM2-135M, Tux Paint stamps)"),
+    "tokenizer": ("vlm.cli.demo_tokenizer", "DualToken: train a dual-codebook image tokenizer, compare it with a "
+                                            "single codebook, then text-to-image generation in every language"),
+    "embedder": ("vlm.cli.demo_embedder", "turn the demo's vision-LLM into a multilingual embedder (with hard "
+                                          "negatives) and compare it with the dual encoder"),
+    "distill": ("vlm.cli.demo_distill", "distil the dual encoder into a small DHO image student and a "
+                                        "two-language text student"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vlm-steps", type=int, default=None, help="vision-LLM fine-tuning steps (default: its config's)")
     parser.add_argument("--skip-vlm", action="store_true", help="stop after the dual encoder's evaluation")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    stages = parser.add_mutually_exclusive_group()
+    for flag, (_, help_text) in STAGES.items():
+        stages.add_argument(f"--{flag}", action="store_true", help=help_text)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides of the pretraining config, e.g. optim.lr=5e-4")
 
@@ -71,6 +92,11 @@ def check_args(args) -> None:
 
 
 def run(args) -> int:
+    for flag, (module, _) in STAGES.items():
+        if getattr(args, flag, False):
+            import importlib
+
+            return int(importlib.import_module(module).run_stage(args) or 0)
     check_args(args)
     from vlm.data_recipes.demo import build_demo
     from vlm.train.pretrain import PretrainConfig
