@@ -122,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--workers", type=int, default=2, help="with --model: shard loader workers (default 2)")
         add_trust_flag(p)
 
+    k = sub.add_parser("classify", help="accuracy of a classifier student (vlm train task: distill), mixed heads")
+    common(k)
+    k.add_argument("--images", required=True, help="image shards with class ids (path, glob, brace range, '::' list)")
+    k.add_argument("--alpha", type=float, default=None, help="weight of the CE head (default: the student's)")
+    k.add_argument("--beta", type=float, default=None, help="temperature of the KD head (default: the student's)")
+
     c = sub.add_parser("compare", help="one Markdown table over several report JSONs")
     c.add_argument("reports", nargs="+", help="report .json files written by vlm eval")
     c.add_argument("--metric", default=None, help="metric to compare (default: the primary metric)")
@@ -141,7 +147,7 @@ def run(args) -> int:
         raise UserError("choose a task: vlm eval zeroshot|retrieval|caption|vqa|compare (see vlm eval --help)")
     check_args(args)
     return {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "caption": run_metrics, "vqa": run_metrics,
-            "compare": run_compare}[task](args)
+            "compare": run_compare, "classify": run_classify}[task](args)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -425,6 +431,12 @@ def _generate_and_score(args) -> int:
         print(f.read())
     print("wrote " + ", ".join(out["paths"].values()))
     return 0
+
+
+def run_classify(args) -> int:
+    from vlm.eval.classify import run_classify as _run
+
+    return _run(args)
 
 
 def run_compare(args) -> int:

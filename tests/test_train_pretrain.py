@@ -60,9 +60,9 @@ def test_unknown_key_fails_with_valid_keys(capsys, tmp_path):
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "unknown config key trainer" in err and "model, data, val_data, loss, optim, train" in err
-    bad.write_text("task: distill\n")
+    bad.write_text("task: distil\n")
     assert main(["train", str(bad)]) == 2
-    assert "unknown task 'distill'" in capsys.readouterr().err and "pretrain" in err + "pretrain"
+    assert "unknown task 'distil'" in capsys.readouterr().err and "pretrain" in err + "pretrain"
     bad.write_text("train: {steps: 3}\n")
     assert main(["train", str(bad)]) == 2
     assert "no 'task' key" in capsys.readouterr().err

@@ -35,6 +35,8 @@ RECIPES = {
     "pretrain": "vlm.train.pretrain",  # contrastive pretraining of a dual encoder
     "finetune": "vlm.train.finetune",  # vision-LLM fine-tuning
     "qformer": "vlm.train.qformer",  # BLIP-2 stage 1: Q-Former pretraining (ITC + ITM + ITG)
+    "distill": "vlm.train.distill",  # DHO: a small image student from a teacher's zero-shot logits
+    "distill_text": "vlm.train.distill_text",  # BiStil: a language-specific text student in the same dual encoder
 }
 
 
