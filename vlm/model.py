@@ -351,6 +351,8 @@ def _resolve_local(spec: str, base: Path) -> str:
     prefix, name = registry.parse_spec(spec)
     if prefix == "hf" and not Path(name).is_absolute() and (base / name).is_dir():
         return f"hf:{(base / name).resolve()}"
+    if prefix == "dualtoken":  # a tokenizer exported with an hf: backbone: dualtoken:hf:<relative dir>
+        return f"dualtoken:{_resolve_local(name, base)}"
     return spec
 
 
@@ -377,10 +379,28 @@ def _write_atomic(p: Path, text: str) -> None:
     os.replace(tmp, p)
 
 
+def _load_embedder(p: Path, trust_remote_code: bool):
+    """An :class:`vlm.embedder.Embedder` for an embedder directory, or for a vision-LLM directory (read as an
+    embedder with the built-in prompts); None for anything else."""
+    from vlm.embedder import FORMAT as EMBEDDER, Embedder
+    from vlm.vision_llm import FORMAT as VISION_LLM
+
+    try:
+        fmt = json.loads((p / "config.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if fmt == EMBEDDER:
+        return Embedder.from_pretrained(p, trust_remote_code=trust_remote_code)
+    if fmt == VISION_LLM:
+        return Embedder.from_vision_llm(p, trust_remote_code=trust_remote_code)
+    return None
+
+
 def load_model(source: "str | os.PathLike | DualEncoderConfig | dict", overrides: list[str] | tuple = (), *,
                trust_remote_code: bool = False) -> DualEncoder:
-    """A :class:`DualEncoder` from a ``save_pretrained`` folder, a transformers ``CLIPModel`` / ``SiglipModel``
-    directory (:func:`vlm.export.hf_dual.load_hf_dual_encoder`), a config (dataclass or dict), or a
+    """A :class:`DualEncoder` from a ``save_pretrained`` folder (an embedder folder, or a vision-LLM folder,
+    gives a :class:`vlm.embedder.Embedder`: the same ``encode_image``/``encode_text``), a transformers
+    ``CLIPModel`` / ``SiglipModel`` directory (:func:`vlm.export.hf_dual.load_hf_dual_encoder`), a config (dataclass or dict), or a
     YAML/JSON file holding a ``DualEncoderConfig`` (plus dotted ``overrides``). ``trust_remote_code`` goes
     to :meth:`DualEncoder.from_pretrained` for a folder; a config is the user's own, its options stand."""
     if isinstance(source, DualEncoderConfig):
@@ -393,6 +413,9 @@ def load_model(source: "str | os.PathLike | DualEncoderConfig | dict", overrides
 
         if hf_model_type(p) in HF_DUAL_TYPES:  # a transformers CLIPModel / SiglipModel directory
             return load_hf_dual_encoder(p)
+        embedder = _load_embedder(p, trust_remote_code)  # an embedder, or a vision-LLM read as one
+        if embedder is not None:
+            return embedder
         return DualEncoder.from_pretrained(p, trust_remote_code=trust_remote_code)
     if p.is_file() and p.suffix in (".yaml", ".yml", ".json"):
         return DualEncoder.from_config(load_config(DualEncoderConfig, p, list(overrides)))
