@@ -154,30 +154,42 @@ def _shard_urls(data: Optional[DataConfig]) -> list[str]:
     return [u for spec in specs for u in expand_shards(spec, allow_pipe=data.allow_pipe)]
 
 
-def teacher_pass(cfg: DistillConfig, env, cache_dir: Path) -> tuple[TeacherEmbeddingCache, torch.Tensor, int]:
-    """Load the teacher, embed every image this rank's slice of the shards holds that the cache lacks, and
-    build ``T_text``. Returns (the cache with every rank's parts, ``T_text [C, E]``, images this rank's
-    teacher embedded). Every rank calls it (a barrier waits for all parts)."""
+def cache_images(teacher, teacher_id: str, datas: list, env, cache_dir: Path, *, batch_size: int = 64,
+                 num_workers: int = 0) -> tuple[TeacherEmbeddingCache, int]:
+    """Embed with ``teacher.encode_image`` (its own preprocessing) every image of the data sections ``datas``
+    that the cache in ``cache_dir`` lacks: each rank its slice of the sorted shard list, writing its own parts.
+    Returns (the cache with every rank's parts, images this rank's teacher embedded). Every rank calls it (a
+    barrier waits for all parts). Also used by ``task: distill_text`` for the frozen image side."""
     from vlm.eval.shards import ordered_stream
-    from vlm.eval.zeroshot import model_fingerprint
-    from vlm.model import load_model
 
-    teacher_id = model_fingerprint(cfg.teacher.model)
-    teacher = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code).to(env.device).eval()
-    labels, prompts, lang = class_space(cfg)
-    text = teacher_class_embeddings(teacher, labels, prompts, lang, cfg.teacher.mode, env.device)
     cache = TeacherEmbeddingCache(cache_dir, teacher_id, rank=env.rank)
-    urls = sorted(set(_shard_urls(cfg.data) + _shard_urls(cfg.unlabelled_data)))
+    urls = sorted({u for d in datas for u in _shard_urls(d)})
     mine = urls[env.rank::env.world_size]
     embedded = 0
     if mine:
-        stream = ordered_stream(mine, teacher.image_preprocess, task="image", batch_size=cfg.teacher.batch_size,
-                                num_workers=cfg.teacher.num_workers)
+        stream = ordered_stream(mine, teacher.image_preprocess, task="image", batch_size=batch_size,
+                                num_workers=num_workers)
         embedded = fill_cache(cache, stream, lambda px: teacher.encode_image(px, normalize=True), device=env.device)
-    del teacher
     barrier(env)
     if env.world_size > 1:
         cache = TeacherEmbeddingCache(cache_dir, teacher_id, rank=env.rank)  # every rank's parts
+    return cache, embedded
+
+
+def teacher_pass(cfg: DistillConfig, env, cache_dir: Path) -> tuple[TeacherEmbeddingCache, torch.Tensor, int]:
+    """Load the teacher, build ``T_text [C, E]`` and fill the image cache (:func:`cache_images`) for
+    ``data`` and ``unlabelled_data``; the teacher is dropped afterwards. Returns (cache, ``T_text`` on the
+    device, images this rank's teacher embedded)."""
+    from vlm.eval.zeroshot import model_fingerprint
+    from vlm.model import load_model
+
+    teacher = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code).to(env.device).eval()
+    labels, prompts, lang = class_space(cfg)
+    text = teacher_class_embeddings(teacher, labels, prompts, lang, cfg.teacher.mode, env.device)
+    cache, embedded = cache_images(teacher, model_fingerprint(cfg.teacher.model), [cfg.data, cfg.unlabelled_data],
+                                   env, cache_dir, batch_size=cfg.teacher.batch_size,
+                                   num_workers=cfg.teacher.num_workers)
+    del teacher
     return cache, text.to(env.device), embedded
 
 
