@@ -61,7 +61,16 @@ def _tower_cases():
                 "siglip-image": hf("siglip", side="image"), "siglip-text": hf("siglip", side="text"),
                 "xlmr-mean": hf("xlmr"), "bert-pooler": hf("bert", pooling="pooler"),
                 "mt5-last": hf("mt5", pooling="last")},
+        "dualtoken:": {  # the quantised semantic path as an image tower (the tokenizer: tests/test_dualtoken_*)
+            "tiny-semantic": lambda p: ("dualtoken:tiny:vit", dict(DT_KW, view="semantic")),
+            "siglip-semantic": lambda p: (f"dualtoken:hf:{p['siglip']}", dict(DT_KW, view="semantic")),
+            "clip-semantic": lambda p: (f"dualtoken:hf:{p['clip']}", dict(DT_KW, view="semantic")),
+            "open_clip-semantic": lambda p: (f"dualtoken:open_clip:{OC_ARCH}", dict(
+                DT_KW, view="semantic", backbone_cfg=dict(model_cfg=OC_CFG, pretrained=str(p[OC_ARCH]))))},
     }
+
+
+DT_KW = dict(codebook_size=16, depth=2, code_dim=8, decoder_channels=32)
 
 
 BUILD = {  # kind -> registered key -> {case id: recipe}

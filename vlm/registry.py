@@ -58,7 +58,7 @@ KINDS = ("tower", "projector", "llm", "adapter")
 # unavailable (its specs then show up as unknown, with the import error in the message).
 _FAMILY_MODULES = {
     "tower": ["vlm.towers.tiny", "vlm.towers.ngram", "vlm.towers.open_clip", "vlm.towers.timm", "vlm.towers.hf",
-              "vlm.towers.saved"],
+              "vlm.towers.saved", "vlm.towers.dualtoken"],
     "projector": ["vlm.projectors.mlp", "vlm.projectors.qformer", "vlm.projectors.moe"],
     "llm": ["vlm.llms.tiny", "vlm.llms.hf"],
     "adapter": ["vlm.adapters.lora", "vlm.adapters.soft_prompt"],
