@@ -35,8 +35,11 @@ RECIPES = {
     "pretrain": "vlm.train.pretrain",  # contrastive pretraining of a dual encoder
     "finetune": "vlm.train.finetune",  # vision-LLM fine-tuning
     "qformer": "vlm.train.qformer",  # BLIP-2 stage 1: Q-Former pretraining (ITC + ITM + ITG)
+    "embed": "vlm.train.embed",  # discriminative tuning of a vision-LLM into an embedder (VladVA)
     "distill": "vlm.train.distill",  # DHO: a small image student from a teacher's zero-shot logits
     "distill_text": "vlm.train.distill_text",  # BiStil: a language-specific text student in the same dual encoder
+    "tokenizer": "vlm.train.tokenizer",  # DualToken: a dual-codebook image tokenizer (pixel + semantic codes)
+    "t2i": "vlm.train.t2i",  # text-to-image: the vision-LLM writes DualToken image codes after a caption
 }
 
 
