@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vlm.train.cli", "train from a config: contrastive pretraining or vision-LLM fine-tuning"),
     "eval": ("vlm.eval.cli", "evaluate: zero-shot (Babel-ImageNet protocol), retrieval, captioning, VQA"),
     "caption": ("vlm.cli.generate", "caption images with a vision-LLM in a chosen language"),
+    "generate-image": ("vlm.cli.generate_image", "draw an image from a prompt in any language (a t2i model)"),
     "vqa": ("vlm.cli.generate", "answer a question about an image in a chosen language"),
     "parts": ("vlm.cli.parts", "list the registered towers, projectors, LLMs and adapters"),
     "export": ("vlm.cli.export", "export a saved model to transformers (CLIP/SigLIP/Llava/Blip2) or open_clip"),
