@@ -11,6 +11,13 @@ Because a real LLM does not know the image placeholder ``<image>`` (nor language
 initialises new rows with the mean of the old ones, so a rebuild is deterministic). A tokenizer without a
 pad token gets ``pad = eos`` (Llama). Errors name the directory and the fix.
 
+GGUF (``hf:/models/SmolLM2-135M-Instruct.Q4_1.gguf``, a file whose name ends in ``.gguf``): transformers'
+own GGUF reader (``from_pretrained(dir, gguf_file=name)``, which needs the ``gguf`` package: ``pip install
+'vlm[gguf]'``) builds the config, the model (dequantised to float) and the tokenizer (with its chat
+template) from the file. The model it returns keeps the GGUF quantizer attached, which makes transformers
+refuse ``save_pretrained``; since the weights are already plain float tensors, :func:`load_hf_llm` detaches
+it (``hf_quantizer`` and ``config.quantization_config``), so the model fine-tunes and saves like any other.
+
 Remote code (:mod:`vlm.remote_code`): ``trust_remote_code`` is an argument of the call, ``False`` unless the
 user says otherwise, and is passed to ``AutoConfig``, the model class and ``AutoTokenizer`` explicitly (never
 transformers' ``None``, which prompts on the terminal). So a directory whose ``config.json`` has an
@@ -33,7 +40,7 @@ from vlm.registry import register_family
 from vlm.remote_code import TRUST_HINT, shipped_code
 
 __all__ = ["IMAGE_TOKEN", "LanguageModel", "LLMLoadError", "lang_token", "resolve_dtype", "read_model_config",
-           "is_seq2seq_config", "load_hf_llm"]
+           "is_seq2seq_config", "load_hf_llm", "gguf_location", "detach_gguf_quantizer"]
 
 
 def read_model_config(path: str | os.PathLike) -> dict:
@@ -74,6 +81,8 @@ def load_hf_llm(path: str | os.PathLike, *, dtype: str | torch.dtype | None = No
 
     trust = bool(trust_remote_code)
     p = Path(path).expanduser()
+    if p.suffix.lower() == ".gguf":
+        return _load_gguf_llm(p, dtype=dtype, device=device, add_tokens=add_tokens)
     raw = read_model_config(p)
     code = None if trust else shipped_code(p)
     if attn_implementation and "/" in attn_implementation and not trust:
@@ -111,8 +120,52 @@ def load_hf_llm(path: str | os.PathLike, *, dtype: str | torch.dtype | None = No
     return LanguageModel(model, tokenizer, source=str(p))
 
 
+def gguf_location(p: Path, what: str = "LLM") -> tuple[Path, str]:
+    """``dir/name.gguf`` -> (dir, name) for transformers' ``gguf_file=``, with the errors users meet first."""
+    if not p.is_file():
+        raise LLMLoadError(f"GGUF file {p} does not exist; pass the path of a local .gguf file")
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ImportError:
+        raise LLMLoadError(f"loading the {what} {p.name} needs the gguf package: pip install 'vlm[gguf]' "
+                           f"(or pip install gguf)") from None
+    return p.parent, p.name
+
+
+def detach_gguf_quantizer(model) -> None:
+    """Forget the GGUF quantizer of a model transformers dequantised (its tensors are plain floats), so
+    ``save_pretrained`` writes it as an ordinary float model instead of refusing (and peft treats it as
+    a float model)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # transformers' own undo: quantizer, config, flags
+    model.config._is_quantized = False
+
+
+def _load_gguf_llm(p: Path, *, dtype, device, add_tokens) -> LanguageModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    d, name = gguf_location(p)
+    try:
+        config = AutoConfig.from_pretrained(d, gguf_file=name)
+    except (ValueError, KeyError, OSError) as e:
+        raise LLMLoadError(f"transformers cannot read the GGUF file {p}: {_one_line(e)}") from None
+    auto = AutoModelForSeq2SeqLM if is_seq2seq_config(config) else AutoModelForCausalLM
+    kw: dict[str, Any] = {"dtype": resolve_dtype(dtype)} if dtype is not None else {}
+    try:
+        model = auto.from_pretrained(d, gguf_file=name, config=config, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise LLMLoadError(f"{p}: transformers cannot load this GGUF model ({_one_line(e)})") from None
+    detach_gguf_quantizer(model)
+    add_special_tokens(model, tokenizer, [IMAGE_TOKEN, *add_tokens])
+    if device is not None:
+        model.to(device)
+    return LanguageModel(model, tokenizer, source=str(p))
+
+
 @register_family("llm", "hf", examples=("hf:/models/mt0-xl", "hf:/models/Qwen2-0.5B"),
-                 help="any transformers causal or seq2seq LM from a local directory")
+                 help="any transformers causal or seq2seq LM from a local directory or a local .gguf file")
 def _hf_family(name: str, *, trust_remote_code: bool = False, **cfg) -> LanguageModel:
     return load_hf_llm(name, trust_remote_code=trust_remote_code, **cfg)
 

@@ -19,7 +19,8 @@ Pooling (``pooling=``): ``pooler`` is the model's own (CLIP: post-LN CLS / EOS t
 SigLIP: the attention-pooling head / the last position's head; BERT-style: the tanh pooler), default for
 CLIP and SigLIP, so ``encode`` equals ``get_image_features`` / ``get_text_features``; ``cls``, ``mean``
 (masked) and ``last`` (last real token, left or right padding) pool the final hidden states (then CLIP's
-projection, if the weights have one); ``mean`` is the default for text encoders. Heads used only for
+projection, if the weights have one); ``mean`` is the default for text encoders. ``prefix`` is put before
+every text (e5 expects ``"query: "`` or ``"passage: "``: ``hf:e5_dir`` with ``prefix="query: "``). Heads used only for
 pooling are taken out of the transformers module and run in ``pool()``, so ``forward -> tokens`` and
 ``pool`` stay separate and unused heads are dropped (they would get no gradient).
 
@@ -103,15 +104,18 @@ def _load_core(path: Path, config, cls_name: str, sub: str, load_weights: bool, 
 class HFTokenizer:
     """HF tokenizer -> ``{"input_ids": [B, L], "attention_mask": [B, L]}`` padded to ``context_length``."""
 
-    def __init__(self, tok, context_length: int):
+    def __init__(self, tok, context_length: int, prefix: str = ""):
         self.hf = tok
         self.context_length = context_length
+        self.prefix = prefix  # e5's "query: " / "passage: ": put before every text
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.eos_token_id = tok.eos_token_id
         self.vocab_size = len(tok)
 
     def __call__(self, texts, context_length: int | None = None) -> dict[str, torch.Tensor]:
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.prefix:
+            texts = [self.prefix + t for t in texts]
         enc = self.hf(texts, padding="max_length", truncation=True, max_length=context_length or self.context_length,
                       return_tensors="pt")
         mask = enc.get("attention_mask")
@@ -323,13 +327,14 @@ def _detach(core: nn.Module, attr: str):
 def build_hf(name: str, side: str | None = None, pretrained: None = None, pooling: str | None = None,
              context_length: int | None = None, tokenizer: str | None = None, load_weights: bool = True,
              dtype: str = "float32", trust_remote_code: bool = False, feature_layer: int | None = None,
-             feature_select: str = "full"):
+             feature_select: str = "full", prefix: str = ""):
     """``hf:<dir>``; ``side`` image/text (needed for CLIP and SigLIP dirs that hold both); ``pooling``
     pooler|cls|mean|last; ``tokenizer`` another directory for the tokenizer files; ``trust_remote_code``
     lets the directories' own Python code run (the caller's decision only); image side only:
     ``feature_layer`` (None: the last layer after the final norm; an int: that entry of ``hidden_states``,
     as LLaVA's ``vision_feature_layer``, e.g. -2) and ``feature_select`` full|default (LLaVA's strategies:
-    ``default`` drops the first token, CLIP's CLS)."""
+    ``default`` drops the first token, CLIP's CLS); text side only: ``prefix``, a string put before every
+    text (e5's ``"query: "`` / ``"passage: "``, with ``pooling="mean"``)."""
     from transformers import AutoConfig
 
     if pretrained is not None:
@@ -360,6 +365,8 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
     if pooling not in _POOLINGS:
         raise SpecError(f"hf:{name}: unknown pooling {pooling!r}; choose one of {', '.join(_POOLINGS)}")
     feature_layer = _feature_options(name, side, config, feature_layer, feature_select)
+    if prefix and side != "text":
+        raise SpecError(f"hf:{name}: prefix is a text-tower option (e5's 'query: '); the {side} tower takes none")
     sub, proj_attr = sides[side]
     model, core = _load_core(path, config, cls_name, sub, load_weights, getattr(torch, dtype), trust)
     proj = getattr(model, proj_attr) if proj_attr else None
@@ -390,14 +397,15 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
         tok_dir = Path(tokenizer).expanduser() if tokenizer else path
         tower = HFTextTower(core, family, pooling, head, proj,
                             HFTokenizer(_auto_tokenizer(tok_dir, name, trust),
-                                        context_length or _context(core.config, family)))
+                                        context_length or _context(core.config, family), prefix=str(prefix)))
     tower.hf_config, tower.source = config, path
     tower.spec = f"hf:{name}"
     tower.build_cfg = {"pooling": pooling, "load_weights": load_weights, "dtype": dtype,
                        **({"context_length": context_length} if context_length else {}),
                        **({"tokenizer": tokenizer} if tokenizer else {}),
                        **({"feature_layer": feature_layer} if feature_layer is not None else {}),
-                       **({"feature_select": feature_select} if feature_select != "full" else {})}
+                       **({"feature_select": feature_select} if feature_select != "full" else {}),
+                       **({"prefix": prefix} if prefix else {})}
     return tower
 
 
