@@ -15,6 +15,10 @@ from the directory name):
     t5 / mt5 / umt5                    {T5,MT5,UMT5}EncoderModel          text (the encoder of a seq2seq)
     any other encoder (bert, xlm-roberta, ...)  AutoModel                 text
 
+``hf:/models/encoder.gguf`` (a file whose name ends in ``.gguf``, e.g. a T5/UMT5 encoder) goes through
+transformers' own GGUF reader (``gguf_file=``; ``pip install 'vlm[gguf]'``) for the config, the weights
+(dequantised to float, the GGUF quantizer detached as for ``hf:`` LLMs) and the tokenizer.
+
 Pooling (``pooling=``): ``pooler`` is the model's own (CLIP: post-LN CLS / EOS token, then the projection;
 SigLIP: the attention-pooling head / the last position's head; BERT-style: the tanh pooler), default for
 CLIP and SigLIP, so ``encode`` equals ``get_image_features`` / ``get_text_features``; ``cls``, ``mean``
@@ -89,12 +93,18 @@ def _resolve(config) -> tuple[str, dict[str, tuple[str, str]], str]:
     return "AutoModel", {"text": ("", "")}, "encoder"
 
 
-def _load_core(path: Path, config, cls_name: str, sub: str, load_weights: bool, dtype: torch.dtype, trust: bool):
+def _load_core(path: Path, config, cls_name: str, sub: str, load_weights: bool, dtype: torch.dtype, trust: bool,
+               gguf: dict | None = None):
     import transformers
 
     cls = getattr(transformers, cls_name)
     auto = {"trust_remote_code": trust} if cls_name == "AutoModel" else {}  # only Auto* classes read auto_map
-    if load_weights:
+    if load_weights and gguf:
+        from vlm.llms.hf import detach_gguf_quantizer
+
+        model = cls.from_pretrained(str(path), dtype=dtype, config=config, **gguf)
+        detach_gguf_quantizer(model)
+    elif load_weights:
         model = cls.from_pretrained(str(path), dtype=dtype, **auto)
     else:
         model = (cls.from_config(config, **auto) if cls_name == "AutoModel" else cls(config)).to(dtype)
@@ -341,14 +351,20 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
         raise SpecError(f"hf:{name}: an hf tower loads the weights in its directory; name the directory in the "
                         f"spec (hf:<dir>) instead of passing pretrained={pretrained!r}")
     path = Path(name).expanduser()
-    if not (path / "config.json").is_file():
+    gguf = None
+    if path.suffix.lower() == ".gguf":  # transformers' GGUF reader: config, weights and tokenizer from the file
+        from vlm.llms.hf import gguf_location
+
+        path, file = gguf_location(path, "tower")
+        gguf = {"gguf_file": file}
+    elif not (path / "config.json").is_file():
         raise SpecError(f"hf:{name}: {path} is not a transformers model directory (no config.json); give a "
                         f"local directory written by save_pretrained (nothing is downloaded)")
     trust = bool(trust_remote_code)
     if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
         raise SpecError(f"hf:{name}: dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust, **(gguf or {}))
     except ValueError as e:
         raise _code_error(name, path, trust) or SpecError(
             f"hf:{name}: transformers cannot load {path}: {' '.join(str(e).split())}") from None
@@ -368,7 +384,7 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
     if prefix and side != "text":
         raise SpecError(f"hf:{name}: prefix is a text-tower option (e5's 'query: '); the {side} tower takes none")
     sub, proj_attr = sides[side]
-    model, core = _load_core(path, config, cls_name, sub, load_weights, getattr(torch, dtype), trust)
+    model, core = _load_core(path, config, cls_name, sub, load_weights, getattr(torch, dtype), trust, gguf)
     proj = getattr(model, proj_attr) if proj_attr else None
     if side == "image":
         if family == "siglip":
@@ -396,7 +412,7 @@ def build_hf(name: str, side: str | None = None, pretrained: None = None, poolin
             core.pooler = None  # unused: it would get no gradient
         tok_dir = Path(tokenizer).expanduser() if tokenizer else path
         tower = HFTextTower(core, family, pooling, head, proj,
-                            HFTokenizer(_auto_tokenizer(tok_dir, name, trust),
+                            HFTokenizer(_auto_tokenizer(tok_dir, name, trust, None if tokenizer else gguf),
                                         context_length or _context(core.config, family), prefix=str(prefix)))
     tower.hf_config, tower.source = config, path
     tower.spec = f"hf:{name}"
@@ -443,9 +459,11 @@ def _code_error(name: str, d: Path, trust: bool) -> SpecError | None:
                      f"{TRUST_HINT}") if f else None
 
 
-def _auto_tokenizer(tok_dir: Path, name: str, trust: bool):
+def _auto_tokenizer(tok_dir: Path, name: str, trust: bool, gguf: dict | None = None):
     from transformers import AutoTokenizer
 
+    if gguf:
+        return AutoTokenizer.from_pretrained(str(tok_dir), **gguf)
     # transformers 5 builds an empty-vocabulary tokenizer (every word -> UNK) from a config.json alone
     if not any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise SpecError(f"hf:{name}: no tokenizer files (tokenizer.json / tokenizer_config.json) in {tok_dir}; "
