@@ -128,6 +128,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--alpha", type=float, default=None, help="weight of the CE head (default: the student's)")
     k.add_argument("--beta", type=float, default=None, help="temperature of the KD head (default: the student's)")
 
+    from vlm.eval.t2i import add_arguments as add_t2i
+
+    add_t2i(sub)  # vlm eval t2i (eval/t2i.py)
+
     c = sub.add_parser("compare", help="one Markdown table over several report JSONs")
     c.add_argument("reports", nargs="+", help="report .json files written by vlm eval")
     c.add_argument("--metric", default=None, help="metric to compare (default: the primary metric)")
@@ -147,7 +151,7 @@ def run(args) -> int:
         raise UserError("choose a task: vlm eval zeroshot|retrieval|caption|vqa|compare (see vlm eval --help)")
     check_args(args)
     return {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "caption": run_metrics, "vqa": run_metrics,
-            "compare": run_compare, "classify": run_classify}[task](args)
+            "compare": run_compare, "classify": run_classify, "t2i": run_t2i}[task](args)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -435,6 +439,12 @@ def _generate_and_score(args) -> int:
 
 def run_classify(args) -> int:
     from vlm.eval.classify import run_classify as _run
+
+    return _run(args)
+
+
+def run_t2i(args) -> int:
+    from vlm.eval.t2i import run_t2i as _run
 
     return _run(args)
 

@@ -54,30 +54,11 @@ def check_args(args) -> None:
         raise UserError(f"--model {args.model} does not exist; pass the run_dir/final of vlm train with task: t2i")
 
 
-def save_png(images, path: str | Path, scale: int = 1) -> Path:
-    """``images [B,3,S,S]`` in [0, 1] -> one PNG (a grid when B > 1), written atomically."""
-    import os
-
-    import torch.nn.functional as F
-    from torchvision.utils import make_grid, save_image
-
-    x = images.float().cpu()
-    if scale > 1:
-        x = F.interpolate(x, scale_factor=scale, mode="nearest")
-    grid = make_grid(x, nrow=min(8, x.shape[0]), padding=2, pad_value=1.0) if x.shape[0] > 1 else x[0]
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp.png")
-    save_image(grid, str(tmp))
-    os.replace(tmp, p)
-    return p
-
-
 def run(args) -> int:
     import torch
 
     from vlm.data.langs import normalize_lang
-    from vlm.vision_llm.t2i import TextToImage
+    from vlm.vision_llm.t2i import TextToImage, save_png
     from vlm.vision_llm.t2i_heads import Sampling
 
     check_args(args)
@@ -87,6 +68,6 @@ def run(args) -> int:
     s = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
                  generator=gen)
     images = model.generate([args.prompt] * args.num_images, lang, sampling=s, use_cache=not args.no_cache)
-    out = save_png(images, args.out, args.scale)
+    out = save_png(images, args.out, scale=args.scale, nrow=min(8, args.num_images))
     print(f"{out}\t{args.num_images} image(s) of {images.shape[-1]} px for {args.prompt!r} ({lang})")
     return 0

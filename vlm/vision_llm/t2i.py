@@ -391,3 +391,22 @@ class TextToImage(nn.Module):
             model.requires_grad_(False)
         model.train(trainable)
         return model.to(device) if device is not None else model
+
+
+def save_png(images: torch.Tensor, path, *, scale: int = 1, nrow: int = 8) -> Path:
+    """``images [B,3,S,S]`` in [0, 1] -> one PNG (a grid of ``nrow`` columns when B > 1, torchvision's
+    ``make_grid``), enlarged ``scale`` times (nearest neighbour), written atomically. Returns the path."""
+    import os
+
+    from torchvision.utils import make_grid, save_image
+
+    x = images.detach().float().cpu()
+    if scale > 1:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    img = make_grid(x, nrow=max(1, nrow), padding=2, pad_value=1.0) if x.shape[0] > 1 else x[0]
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp.png")
+    save_image(img, str(tmp))
+    os.replace(tmp, p)
+    return p
