@@ -1,28 +1,30 @@
-"""Data-loading throughput: vlm.data vs open_clip_train's webdataset pipeline, same shards, same cores.
+"""Data-loading throughput: vlm.data vs open_clip_train's webdataset pipeline, equal work, interleaved.
 
-    python bench/bench_data.py                      # ~2,000 samples, 256 px-ish JPEGs, workers 0 and 2
-    python bench/bench_data.py --n 8000 --src-size 512 --workers 0 2 4
+    python bench/bench_data.py                      # 2,048 samples (8 shards x 256), workers 0 and 2, 5 rounds
+    python bench/bench_data.py --quick              # 1,024 samples, 3 rounds
+    python bench/bench_data.py --shards 16 --per-shard 512 --src-size 512 --workers 0 2
 
-What it does, in one process tree on this machine:
+Equal work. N = shards x per-shard photo-like JPEGs (gradients + noise: realistic sizes, ~25-45 kB at 256 px) with a
+``.txt`` caption and a ``.json``; per-shard is a multiple of the batch and the shard count a multiple of the workers,
+so every worker gets whole shards and whole batches: both pipelines read every sample exactly once, emit
+N / batch full batches and nothing else (open_clip's ``train_num_samples`` = N, so its ``with_epoch`` count is
+exact and it never re-opens a shard; the script checks both batch counts). Both use the same shuffle sizes
+(shards 2000, samples 5000 with 1000 initial), the same open_clip tokenizer, the same number of workers and one
+torch thread per process (as in a DataLoader worker). Rows:
 
-1. writes N photo-like JPEG samples (gradients + noise, so file sizes are realistic: ~25-45 kB at 256 px)
-   with a ``.txt`` caption and a ``.json`` (``{"lang": "en"}``) into a few shards with ``wds.ShardWriter``;
-2. times the raw decode rate on one core (PIL, ``torchvision.io.decode_jpeg``), decode only: the ceiling
-   for any pipeline is about that rate x the number of worker processes (minus resize, tar, collate);
-3. streams the shards through ``open_clip_train.data.get_wds_dataset`` (its training pipeline: shard
-   shuffle, split by node/worker, sample shuffle 5000/1000, ``decode("pilrgb")``, per-sample tokenise,
-   ``batched``) with two image transforms:
-     - ``same``: exactly our geometric transform (shortest-side bicubic antialiased resize + center crop,
-       uint8 out) applied to its PIL image: the fair pipeline-vs-pipeline comparison;
-     - ``train``: its own train transform for a 224 px model (RandomResizedCrop(scale 0.9-1) bicubic,
-       ToTensor, Normalize; float32 out): what an open_clip user gets;
-4. streams the same shards through ``vlm.data.wds.make_loader`` (same batch size, workers, shuffle
-   buffer sizes, the same open_clip tokenizer; uint8 out, normalisation happens in the model step).
+* ``equal``: open_clip_train's ``get_wds_dataset`` with our geometric transform on its PIL image (shortest-side
+  bicubic antialiased resize + center crop, uint8 out) vs ``vlm.data.wds.make_loader``: pipeline vs pipeline;
+* ``defaults``: open_clip with its own train transform for a 224 px model (RandomResizedCrop scale 0.9-1,
+  ToTensor, Normalize; float32 out: what an open_clip user gets) vs ours (uint8 out, normalised in the model
+  step);
+* ``ceiling``: our loader at workers=0 vs a bare loop over the same decoded bytes (already in memory, no tar,
+  no collate): ``torchvision.io.decode_jpeg`` + the same resize/crop, and PIL decode + the same resize/crop;
+  the fraction of the per-core decode + resize ceiling the loader reaches.
 
-The process runs with one torch thread (as a DataLoader worker does), so workers=0 compares the pipelines
-on one core. Rates are samples/s over the whole epoch *after the first batch* (worker start-up and the shuffle buffer's
-initial fill are excluded for both) and also including start-up. The machine is shared, so numbers are
-noisy; compare ratios taken in the same run.
+Every row: samples/s over the whole epoch (iterator creation to the last batch: worker start-up and the shuffle
+buffer's fill included on both sides), ours and the peer's alternating ABBA round by round; the ratio's median
+and spread. ``--plot-dir``: time and peak RSS against the number of samples (1, 2, 4, ... shards, workers=0,
+each run in a fresh forked process).
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import io
 import logging
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +42,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import Report, add_protocol_args, in_child, interleave, plot_growth, ratio_row  # noqa: E402
+
+BENCH_PROTOCOL = 1
 
 
 def make_shards(out_dir: str, n: int, src_size: int, per_shard: int, seed: int = 0) -> tuple[str, float]:
@@ -68,31 +74,6 @@ def make_shards(out_dir: str, n: int, src_size: int, per_shard: int, seed: int =
     return os.path.join(out_dir, f"bench-{{000000..{n_shards - 1:06d}}}.tar"), total / n
 
 
-def decode_rates(spec: str, limit: int = 400) -> dict[str, float]:
-    import tarfile
-
-    import braceexpand
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    blobs = []
-    for path in braceexpand.braceexpand(spec):
-        with tarfile.open(path) as tf:
-            blobs += [tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")]
-        if len(blobs) >= limit:
-            break
-    blobs = blobs[:limit]
-    out = {}
-    t = time.perf_counter()
-    for d in blobs:
-        Image.open(io.BytesIO(d)).convert("RGB")
-    out["PIL decode"] = len(blobs) / (time.perf_counter() - t)
-    t = time.perf_counter()
-    for d in blobs:
-        decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    out["torchvision.io.decode_jpeg"] = len(blobs) / (time.perf_counter() - t)
-    return out
-
-
 class SameTransform:
     """Our geometric transform applied to a PIL image (for open_clip's pipeline): uint8 [3, S, S]."""
 
@@ -117,20 +98,6 @@ class DictTokenizer:
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
 
-def _time(batches, count) -> tuple[int, float, float]:
-    t0 = time.perf_counter()
-    n, t1 = 0, None
-    n_first = 0
-    for b in batches:
-        k = count(b)
-        if t1 is None:
-            t1, n_first = time.perf_counter(), k
-        n += k
-    t2 = time.perf_counter()
-    steady = (n - n_first) / (t2 - t1) if t1 is not None and t2 > t1 else float("nan")
-    return n, steady, n / (t2 - t0)
-
-
 def patch_open_clip() -> None:
     """open_clip_train 3.3.0's ``group_by_keys_nothrow`` reads ``filesample["fname"]`` from every item, but
     webdataset 1.0.2's ``tar_file_expander`` ends each shard with an EOF marker ``{}`` (its ``eof_value``):
@@ -144,84 +111,146 @@ def patch_open_clip() -> None:
     ocd.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
 
 
-def run_open_clip(spec, n, batch_size, workers, transform, tokenizer):
+def jpeg_blobs(spec: str) -> list[bytes]:
+    import tarfile
+
+    import braceexpand
+
+    blobs = []
+    for path in braceexpand.braceexpand(spec):
+        with tarfile.open(path) as tf:
+            blobs += [tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")]
+    return blobs
+
+
+def ceiling_loop(blobs: list[bytes], size: int, decoder: str) -> int:
+    """Decode + our resize/crop of every blob in this thread, nothing else. -> images done."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from vlm.data.decode import _resize_crop
+
+    for d in blobs:
+        if decoder == "decode_jpeg":
+            x = decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        else:
+            x = torch.from_numpy(np.array(Image.open(io.BytesIO(d)).convert("RGB"))).permute(2, 0, 1)
+        _resize_crop(x, size, "shortest", "bicubic")
+    return len(blobs)
+
+
+def _epoch(batches, count) -> tuple[int, int, float]:
+    """-> (samples, batches, seconds) of one whole epoch, from iterator creation to its end."""
+    t0 = time.perf_counter()
+    n = nb = 0
+    for b in batches:
+        n += count(b)
+        nb += 1
+    return n, nb, time.perf_counter() - t0
+
+
+def run_open_clip(spec, n, batch_size, workers, transform, tokenizer) -> float:
     from open_clip_train.data import get_wds_dataset
 
     args = argparse.Namespace(train_data=spec, val_data=None, train_num_samples=n, train_data_upsampling_factors=None,
                               dataset_resampled=False, seed=0, batch_size=batch_size, world_size=1, workers=workers)
     info = get_wds_dataset(args, transform, is_train=True, epoch=0, tokenizer=tokenizer)
     info.set_epoch(0)
-    result = _time(info.dataloader, lambda b: len(b[0]))
+    got, nb, dt = _epoch(info.dataloader, lambda b: len(b[0]))
     del info
-    return result
+    assert got == n and nb == n // batch_size, f"open_clip read {got} samples in {nb} batches, expected {n}"
+    return got / dt
 
 
-def run_vlm(spec, batch_size, workers, size, tokenizer):
+def run_vlm(spec, n, batch_size, workers, size, tokenizer) -> float:
     from vlm.data.wds import DataConfig, make_loader
     from vlm.towers.base import ImagePreprocess
 
     cfg = DataConfig(shards=spec, batch_size=batch_size, num_workers=workers, shuffle_buffer=5000,
                      shuffle_initial=1000, seed=0)
     stream = make_loader(cfg, ImagePreprocess(image_size=size), tokenizer, rank=0, world_size=1)
-    result = _time(stream, lambda b: len(b["key"]))
-    assert set(stream.skipped) <= {"partial_batch_dropped"}, stream.skipped  # the data is clean
-    return result
+    got, nb, dt = _epoch(stream, lambda b: len(b["key"]))
+    assert not stream.skipped and got == n and nb == n // batch_size, (got, nb, stream.skipped)
+    return got / dt
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=2000, help="samples to generate")
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--per-shard", type=int, default=256, help="samples per shard (a multiple of --batch-size)")
     p.add_argument("--src-size", type=int, default=256, help="shorter side of the generated JPEGs")
     p.add_argument("--size", type=int, default=224, help="model image size")
-    p.add_argument("--per-shard", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs per pipeline; the median is shown")
-    p.add_argument("--skip-train-transform", action="store_true", help="skip open_clip's own train transform run")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row (ABBA order)")
+    add_protocol_args(p)
     args = p.parse_args(argv)
+    if args.quick:
+        args.shards, args.rounds = 4, 3
+    n = args.shards * args.per_shard
+    if args.per_shard % args.batch_size or any(w and args.shards % w for w in args.workers):
+        raise SystemExit("equal work needs --per-shard a multiple of --batch-size and --shards a multiple of every "
+                         "--workers value")
 
     import open_clip
 
     patch_open_clip()
-    # one intra-op thread in this process, as in a DataLoader worker: workers=0 then compares the two
-    # pipelines on one core (tiny per-image torch ops get slower, not faster, with threads on a busy host)
-    torch.set_num_threads(1)
-    logging.getLogger("vlm.data").setLevel(logging.ERROR)  # the counts are printed below
-    print("note: open_clip_train 3.3.0's training pipeline fails with webdataset 1.0.2 (KeyError 'fname' on the "
-          "shard-end marker); patched here with eof_value=None")
+    torch.set_num_threads(1)  # as in a DataLoader worker: workers=0 compares the pipelines on one core
+    logging.getLogger("vlm.data").setLevel(logging.ERROR)
+    rep = Report(__file__, "open_clip_torch", "webdataset", "torchvision", "Pillow")
+    ocv = rep.env["versions"]["open_clip_torch"]
     tok = open_clip.get_tokenizer("ViT-B-32")
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f} "
-          "(a shared machine: numbers are noisy, compare ratios from the same run)")
     with tempfile.TemporaryDirectory() as d:
-        t = time.perf_counter()
-        spec, mean_bytes = make_shards(d, args.n, args.src_size, args.per_shard)
-        print(f"wrote {args.n} samples ({args.src_size} px short side, mean JPEG {mean_bytes / 1024:.1f} kB) "
-              f"in {time.perf_counter() - t:.1f} s")
-        print("\nraw decode, 1 core (ceiling per worker process):")
-        for name, rate in decode_rates(spec).items():
-            print(f"  {name:28s} {rate:8.0f} samples/s")
+        spec, mean_bytes = make_shards(d, n, args.src_size, args.per_shard)
+        print(f"{n} samples in {args.shards} shards ({args.src_size} px short side, mean JPEG {mean_bytes / 1024:.1f} kB)"
+              f", batch {args.batch_size}, to {args.size} px; note: open_clip_train {ocv} + webdataset 1.0 needs "
+              "eof_value=None (see patch_open_clip)")
         same, train = SameTransform(args.size), open_clip.image_transform(args.size, is_train=True)
-        print(f"\nstreaming to {args.size} px, batch {args.batch_size}: samples/s after the first batch "
-              "(with start-up in brackets)")
+        vtok = DictTokenizer(tok)
         for w in args.workers:
-            rates: dict[str, list] = {"oc": [], "vlm": []}
-            for r in range(args.repeats):  # alternate the order: load changes over time on a shared host
-                for name in (("oc", "vlm") if r % 2 == 0 else ("vlm", "oc")):
-                    if name == "oc":
-                        rates["oc"].append(run_open_clip(spec, args.n, args.batch_size, w, same, tok))
-                    else:
-                        rates["vlm"].append(run_vlm(spec, args.batch_size, w, args.size, DictTokenizer(tok)))
-            so, to = (statistics.median(x[i] for x in rates["oc"]) for i in (1, 2))
-            sv, tv = (statistics.median(x[i] for x in rates["vlm"]) for i in (1, 2))
-            print(f"  workers={w}: open_clip (same transform) {so:6.0f} ({to:4.0f})  |  vlm {sv:6.0f} ({tv:4.0f})  |  "
-                  f"ratio vlm/open_clip {sv / so:4.2f} ({tv / to:4.2f})   "
-                  f"[median of {args.repeats}; all vlm/open_clip: "
-                  f"{', '.join(f'{v[1] / o[1]:.2f}' for v, o in zip(rates['vlm'], rates['oc']))}]")
-            if not args.skip_train_transform:
-                _, st, tt = run_open_clip(spec, args.n, args.batch_size, w, train, tok)
-                print(f"  workers={w}: open_clip (its own train transform, float32 out) {st:6.0f} ({tt:4.0f})  |  "
-                      f"ratio vlm/open_clip {sv / st:4.2f} ({tv / tt:4.2f})")
+            res = interleave({"vlm": lambda: run_vlm(spec, n, args.batch_size, w, args.size, vtok),
+                              "oc": lambda: run_open_clip(spec, n, args.batch_size, w, same, tok)}, args.rounds)
+            rep.add(ratio_row("data", f"stream workers={w}", res["vlm"], res["oc"], unit="samples/s",
+                              higher_is_better=True, peer_name="open_clip_train", peer_version=ocv,
+                              note="same transform, uint8 out"))
+            if w == max(args.workers):
+                res = interleave({"vlm": lambda: run_vlm(spec, n, args.batch_size, w, args.size, vtok),
+                                  "oc": lambda: run_open_clip(spec, n, args.batch_size, w, train, tok)}, args.rounds)
+                rep.add(ratio_row("data", f"stream workers={w}", res["vlm"], res["oc"], unit="samples/s",
+                                  higher_is_better=True, setting="defaults", peer_name="open_clip_train",
+                                  peer_version=ocv, note="its train transform, float32 out"))
+        blobs = jpeg_blobs(spec)
+        for dec in ("decode_jpeg", "PIL"):
+            res = interleave({"vlm": lambda: run_vlm(spec, n, args.batch_size, 0, args.size, vtok),
+                              "ceil": lambda: len(blobs) / _secs(ceiling_loop, blobs, args.size, dec)}, args.rounds)
+            rep.add(ratio_row("data", f"loader vs {dec} + resize ceiling, 1 core", res["vlm"], res["ceil"],
+                              unit="samples/s", higher_is_better=True, setting="ceiling",
+                              peer_name=f"{dec} loop", peer_version=rep.env["versions"]["torchvision" if dec ==
+                                                                                         "decode_jpeg" else "Pillow"]))
+        if args.plot_dir:
+            sizes = [s for s in (1, 2, 4, 8, 16) if s <= args.shards]
+            series = {"vlm.data": ([], [], []), "open_clip_train": ([], [], [])}
+            for s in sizes:
+                sub = os.path.join(d, f"bench-{{000000..{s - 1:06d}}}.tar")
+                k = s * args.per_shard
+                for name, (fn, a) in {"vlm.data": (run_vlm, (sub, k, args.batch_size, 0, args.size, vtok)),
+                                      "open_clip_train": (run_open_clip, (sub, k, args.batch_size, 0, same, tok))
+                                      }.items():
+                    rate, m = in_child(fn, *a)
+                    series[name][0].append(k)
+                    series[name][1].append(k / rate)
+                    series[name][2].append(m)
+            path = plot_growth(os.path.join(args.plot_dir, "data.png"), "data streaming, workers=0 (peak RSS)",
+                               "samples", series)
+            if path:
+                rep.plots.append(path)
+    rep.finish(args.json)
     return 0
+
+
+def _secs(fn, *a) -> float:
+    t = time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t
 
 
 if __name__ == "__main__":

@@ -9,25 +9,27 @@ config, ViT width 256 x 4 layers, patch 16, text width 256 x 4 layers, 32 tokens
 file and registered with ``open_clip.add_model_config`` in *both* processes; or any built-in name such
 as ``ViT-S-32`` with the image size forced to ``--image-size``; towers random-init), on the same
 webdataset shards (the demo recipe's multilingual JPEG + caption shards, ``data_recipes.demo.build_demo``,
-drawn at ``--image-size``), with the same per-step batch size and precision (``--precision fp32``: plain
-fp32 in both; ``bf16``: open_clip_train ``--precision amp_bf16``, ours ``train.precision=bf16``), AdamW,
-the same warm-up/lr, the same number of loader workers and the same torch thread count
-(``OMP_NUM_THREADS`` and ``torch.set_num_threads`` in both processes). Each runs in its own process, one
-after the other, as one CPU process (no torchrun).
+drawn at ``--image-size``), with the same per-step batch size, precision, lr schedule and weight decay, each
+in its own process (no torchrun). Two rows:
+
+* ``equal``: the same optimizer implementation (open_clip_train's ``AdamW`` patched to ``fused=True``, which
+  ours uses), the same image geometry (open_clip_train's train transform replaced by its own evaluation
+  transform: shortest-side resize + center crop, what our loader does; no random crop on either side), the
+  same loader workers (``--workers``) and torch threads (``--threads``, as OMP_NUM_THREADS and
+  ``torch.set_num_threads``);
+* ``defaults``: each program as a user runs it: open_clip_train with its AdamW, its RandomResizedCrop, its 4
+  workers and torch's default threads; ours with the recipe's workers and its thread rule (intra-op threads +
+  loader workers <= cores).
 
 Why fp32 is the default: on AVX2-only CPUs (the AMD EPYC Milan this was written on) bf16 autocast is
 emulated by oneDNN and measured 10-15x slower than fp32 (a ViT-S-32 step at batch 32 took ~350 s in
 open_clip_train with amp_bf16); ``train.precision=auto`` picks fp32 there for the same reason.
 
 How samples/s is measured: both loops log every step; open_clip_train logs ``Batch (t)`` (wall time of
-the step including data wait, its meter is reset at each log), we log ``samples_per_s`` over the time
-since the previous log (also including data wait, logging and the step). The first ``--skip`` steps
-(start-up, allocator warm-up, worker spin-up) are dropped and samples/s = batch / median(step time) over
-the rest (the median: a step that another job on the machine stalls is an outlier that says nothing about
-either loop; the mean-based figure is printed too). The wall time of each whole run (process start to exit: imports, model build, data start,
-training) is printed too. The two programs alternate ``--repeats`` times (default 2) and each keeps its
-best run (load from other jobs only slows a run down). Numbers are noisy on a shared 2-core machine
-(±10-20 %, worse with --threads 2 when other jobs oversubscribe the cores): compare within one run.
+the step including data wait), we log ``samples_per_s`` over the time since the previous log (also including
+data wait and logging). The first ``--skip`` steps (start-up, worker spin-up) are dropped and a run's samples/s
+= batch / median(step time) over the rest. The two programs alternate (ABBA) for ``--rounds`` rounds; each
+round gives one ratio ours/open_clip, and the row reports the median ratio and its spread (never a best-of).
 """
 from __future__ import annotations
 
@@ -44,6 +46,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import Report, add_protocol_args, interleave, ratio_row  # noqa: E402
+
+BENCH_PROTOCOL = 1
 
 # open_clip_train 3.3.0's group_by_keys_nothrow indexes filesample["fname"], but webdataset 1.0.2's
 # tar_file_expander yields an end-of-shard marker ``{}`` (eof_value): open_clip_train crashes with
@@ -58,8 +65,14 @@ if sys.argv[2]:
 import open_clip_train.data as ocd
 from webdataset.tariterators import tar_file_expander
 ocd.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
-from open_clip_train.main import main
-main(sys.argv[3:])
+import open_clip_train.main as ocm
+if sys.argv[3] == "equal":
+    # equal work: the same optimizer implementation as ours (fused AdamW) and the same image geometry
+    # (its evaluation transform: shortest-side resize + center crop, no random crop), nothing else changed
+    torch.optim.AdamW = functools.partial(torch.optim.AdamW, fused=True)
+    _get_data = ocm.get_data
+    ocm.get_data = lambda args, pre, *a, **k: _get_data(args, (pre[1], pre[1]), *a, **k)
+ocm.main(sys.argv[4:])
 """
 
 # The default benchmark architecture (open_clip's JSON model-config format).
@@ -90,17 +103,21 @@ def build_shards(out: Path, n: int, size: int) -> str:
     return demo.train_spec
 
 
-def run_open_clip(args, shards: str, n_samples: int, logs: Path, cfg_path: str) -> tuple[list[float], float]:
+def run_open_clip(args, shards: str, n_samples: int, logs: Path, cfg_path: str, setting: str) -> tuple[list[float], float]:
+    """``setting`` "equal": fused AdamW, no random crop, --workers/threads as ours; "defaults": open_clip_train as
+    shipped (its AdamW, its train augmentation, its default 4 workers, torch's default threads)."""
+    threads = args.threads if setting == "equal" else torch_default_threads()
+    workers = args.workers if setting == "equal" else 4
     precision = "amp_bf16" if args.precision == "bf16" else "fp32"
     size = [] if cfg_path else ["--force-image-size", str(args.image_size)]
-    cmd = [sys.executable, "-c", _OPEN_CLIP_WRAPPER, str(args.threads), cfg_path,
+    cmd = [sys.executable, "-c", _OPEN_CLIP_WRAPPER, str(threads), cfg_path, setting,
            "--train-data", shards, "--dataset-type", "webdataset", "--train-num-samples", str(n_samples),
            "--model", args.model, *size,
-           "--batch-size", str(args.batch_size), "--precision", precision, "--workers", str(args.workers),
+           "--batch-size", str(args.batch_size), "--precision", precision, "--workers", str(workers),
            "--epochs", "1", "--lr", str(args.lr), "--wd", "0.1", "--warmup", "2", "--seed", "0",
            "--log-every-n-steps", "1", "--logs", str(logs), "--name", f"oc-{os.getpid()}-{int(time.time())}", "--report-to", "",
            "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(logs.parent))
     wall = time.time() - t0
@@ -111,26 +128,31 @@ def run_open_clip(args, shards: str, n_samples: int, logs: Path, cfg_path: str) 
     return times, wall
 
 
-def our_config(args, shards: str, run_dir: Path, model_cfg: dict | None) -> list[str]:
-    """Overrides for ``vlm train`` that build the same open_clip model as ``--model`` above."""
+def our_config(args, shards: str, run_dir: Path, model_cfg: dict | None, setting: str = "equal") -> list[str]:
+    """Overrides for ``vlm train`` that build the same open_clip model as ``--model`` above; "defaults" leaves
+    data.num_workers and train.threads at the recipe's defaults."""
+    place = ([f"data.num_workers={args.workers}", f"train.threads={args.threads}"] if setting == "equal" else [])
     tower_cfg = json.dumps({"model_cfg": model_cfg} if model_cfg else {"force_image_size": args.image_size})
     return [
         f"model.image_tower=open_clip:{args.model}", f"model.text_tower=open_clip:{args.model}",
         f"model.image_tower_cfg={tower_cfg}", f"model.text_tower_cfg={tower_cfg}",
         "model.embed_dim=null", "model.init_logit_scale=2.6592", "model.init_logit_bias=null",
-        f"data.shards={shards}", f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
+        f"data.shards={shards}", f"data.batch_size={args.batch_size}", *place,
         "loss.name=clip", f"optim.lr={args.lr}", "optim.weight_decay=0.1", "optim.warmup_steps=2",
         f"train.steps={args.steps + args.skip}", f"train.precision={args.precision}", "train.dist=none",
         "train.device=cpu", f"train.run_dir={run_dir}", "train.log_every=1", "train.ckpt_every=0",
-        "train.keep_last=1", f"train.threads={args.threads}", "train.progress=false", "train.seed=0",
+        "train.keep_last=1", "train.progress=false", "train.seed=0",
         "train.resume=null", "train.tensorboard=false",
     ]
 
 
-def run_ours(args, shards: str, run_dir: Path, model_cfg: dict | None) -> tuple[list[float], float]:
+def run_ours(args, shards: str, run_dir: Path, model_cfg: dict | None, setting: str) -> tuple[list[float], float]:
     cfg = ROOT / "train" / "configs" / "pretrain_openclip_vit_s32.yaml"
-    cmd = [sys.executable, "-m", "vlm", "train", str(cfg), *our_config(args, shards, run_dir, model_cfg)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "vlm", "train", str(cfg), *our_config(args, shards, run_dir, model_cfg, setting)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("OMP_NUM_THREADS", None)
+    if setting == "equal":
+        env["OMP_NUM_THREADS"] = str(args.threads)
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
@@ -142,15 +164,21 @@ def run_ours(args, shards: str, run_dir: Path, model_cfg: dict | None) -> tuple[
     return times, wall
 
 
-def _rate(args, name: str, times: list[float], wall: float) -> tuple[float, float]:
+def torch_default_threads() -> int:
+    """What torch picks in a fresh process without OMP_NUM_THREADS (its default intra-op threads)."""
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    r = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True,
+                       text=True, env=env)
+    return int(r.stdout.strip() or 1)
+
+
+def _rate(args, times: list[float]) -> float:
+    """samples/s at the median step after the warm-up steps."""
     steady = times[args.skip:] or times
     if not steady:
-        raise SystemExit(f"{name}: no step times found in its log")
-    rate = args.batch_size / statistics.median(steady)
-    mean_rate = args.batch_size / statistics.mean(steady)
-    print(f"  {name:16s} {rate:8.1f} samples/s at the median step ({statistics.median(steady):.3f} s; "
-          f"{mean_rate:.1f} at the mean step; {len(steady)} steps; whole run {wall:.1f} s)", flush=True)
-    return rate, statistics.median(steady)
+        raise SystemExit("no step times found in the log")
+    return args.batch_size / statistics.median(steady)
 
 
 def main(argv=None) -> int:
@@ -162,13 +190,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --skip warm-up steps)")
     p.add_argument("--skip", type=int, default=5, help="warm-up steps left out of samples/s")
-    p.add_argument("--threads", type=int, default=1, help="torch threads in both programs (2 on a quiet machine)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in both programs (equal row)")
+    p.add_argument("--workers", type=int, default=1, help="loader workers in both programs (equal row)")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs per program; the best is kept")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ABBA) per row")
+    p.add_argument("--settings", default="equal,defaults")
     p.add_argument("--out", default=None, help="work directory (default: a temp dir)")
-    p.add_argument("--only", choices=["ours", "open_clip"], default=None)
+    add_protocol_args(p)
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.skip, args.rounds = 12, 4, 2
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_train_"))
     out.mkdir(parents=True, exist_ok=True)
@@ -176,27 +207,22 @@ def main(argv=None) -> int:
     n_samples = total * args.batch_size
     shards = build_shards(out / "shards", n_samples, args.image_size)
     cfg_path, model_cfg = arch_config(args, out)
-    print(f"model {args.model} @ {args.image_size}px, batch {args.batch_size}, {total} steps "
-          f"({args.skip} warm-up), {args.precision}, threads {args.threads}, workers {args.workers}, shards {shards}")
-    # Alternate the two programs --repeats times and keep each one's best run: other jobs on a shared
-    # machine only ever slow a run down, so the fastest run is the least disturbed one.
-    runs: dict[str, list[tuple[float, float]]] = {}
-    for rep in range(args.repeats):
-        if args.only in (None, "open_clip"):
-            times, wall = run_open_clip(args, shards, n_samples, out / "oc_logs", cfg_path)
-            runs.setdefault("open_clip_train", []).append(_rate(args, "open_clip_train", times, wall))
-        if args.only in (None, "ours"):
-            times, wall = run_ours(args, shards, out / "ours", model_cfg)
-            runs.setdefault("vlm train", []).append(_rate(args, "vlm train", times, wall))
-    sps = {}
-    for name, rs in runs.items():
-        best = max(rs)
-        sps[name] = best[0]
-        print(f"{name:16s} {best[0]:8.1f} samples/s  (best of {len(rs)}: "
-              f"{', '.join(f'{r[0]:.1f}' for r in rs)}; median step {best[1]:.3f} s)")
-    if len(sps) == 2:
-        ratio = sps["vlm train"] / sps["open_clip_train"]
-        print(f"ratio vlm/open_clip: {ratio:.2f}x  (target >= 1.0x; shared machine, expect +-10-20 % noise)")
+    rep = Report(__file__, "open_clip_torch")
+    ocv = rep.env["versions"]["open_clip_torch"]
+    print(f"model {args.model} @ {args.image_size}px, batch {args.batch_size}, {total} steps ({args.skip} warm-up), "
+          f"{args.precision}; equal: threads {args.threads}, workers {args.workers} both, fused AdamW both, no random "
+          f"crop; defaults: each program as shipped (open_clip: 4 workers, {torch_default_threads()} threads, its "
+          "AdamW and RandomResizedCrop; ours: the recipe's workers and its thread rule)", flush=True)
+    for setting in args.settings.split(","):
+        res = interleave({
+            "ours": lambda: _rate(args, run_ours(args, shards, out / "ours", model_cfg, setting)[0]),
+            "oc": lambda: _rate(args, run_open_clip(args, shards, n_samples, out / "oc_logs", cfg_path, setting)[0]),
+        }, args.rounds)
+        rep.add(ratio_row("train", f"pretraining step, batch {args.batch_size}, {args.model}", res["ours"], res["oc"],
+                          unit="samples/s", higher_is_better=True, setting=setting, peer_name="open_clip_train",
+                          peer_version=ocv, note="median step" if setting == "equal" else
+                          "each side's workers/threads/optimizer/augmentation"))
+    rep.finish(args.json)
     return 0
 
 

@@ -1,54 +1,63 @@
-"""Benchmark: our Babel-ImageNet zero-shot evaluator vs the straightforward per-language loop.
+"""Benchmark: our Babel-ImageNet zero-shot evaluator vs the Babel-ImageNet reference method, equal work, interleaved.
 
-Shape: the real benchmark's files (the Babel-ImageNet files bundled with ``vlm.eval``: 93 languages with their real class
-counts, 80 prompt templates per language; synthesised with the same shapes when the files are absent),
-synthetic uint8 images spread over the 1000 ImageNet classes, and a small model of our own (width-32,
-2-layer transformer towers: ByteTokenizer text, 32 px / 4 px-patch image) -- or ``--model DIR`` for a
-saved DualEncoder. Both sides use the same model, the same texts and the same images.
+The peer is the method of the benchmark's own script (github.com/gregor-ge/Babel-ImageNet,
+``benchmark/eval_babel_imagenet.py``), reimplemented here on the same model and tensors: every image embedded
+once through a DataLoader at ``--ref-batch`` (512, the value of its evaluation scripts); per language a text
+Dataset of ``prompt.format(label)`` for every label and prompt, a DataLoader at batch 512 with the model's
+tokenizer as collate, ``encode_text`` -> normalise, ``view(C, P, E).mean(1)`` -> normalise, the language's images
+scored with ``argmax``. Ours is ``vlm.eval.zeroshot`` as ``vlm eval zeroshot`` runs it: only images of evaluated
+classes embedded, once; duplicate templates encoded once, texts sorted by length and padding trimmed where the
+tower gives the same embeddings, class sums by ``index_add_``, ranks without sort; no cache (cold).
 
-* **naive** (what the benchmark's reference script does): for each language, build the classifier class
-  by class (encode the class's 80 prompts, normalise, mean, normalise), then embed the images of that
-  language's classes again and score them.
-* **ours** (``eval.zeroshot``): embed once every image of a class some evaluated language has; per language, class embeddings in large batches with
-  duplicated templates encoded once, cached (memory + safetensors on disk), scoring by rank without sort.
-  Timed cold (empty cache), and warm from the on-disk cache (a new process evaluating the same model
-  again, e.g. another image set or after a crash).
+Shape: the bundled Babel-ImageNet labels and NLLB prompts (80 templates per language), ``--per-class`` synthetic
+uint8 images for each of the 1000 ImageNet classes in class order (as ImageNet val), and a small dual encoder
+(``BenchModel``: open_clip's CLIP BPE tokenizer, context 77, as a multilingual CLIP; width-64 2-layer
+transformer towers; 32 px image, 4 px patches) -- or ``--model DIR`` for a saved DualEncoder. Both sides: the
+same model, texts, images, threads and fp32; top-1 per language is checked equal.
 
-The naive loop is timed on ``--naive-langs`` (default: the 2 evaluated languages with the fewest classes)
-and extrapolated to all evaluated languages from its measured cost per text and per image (its cost is
-linear in both); the output says so. Default run: 4 languages (OM, AM, BR, HI: 742 classes, 59 k
-prompt texts), 2000 images: 1-3 minutes on 2 cores depending on their load. ``--langs all`` gives the full 93 languages
-(37,438 classes, ~3 M prompt texts: about an hour with this model on 2 cores). The text side dominates
-at 2 images per class; ``--images 50000`` gives ImageNet-val's 50 images per class, where re-embedding
-images per language costs the naive loop far more. The machine is shared: expect +-20 % noise or worse;
-compare ratios from one run.
+Rows: ``equal`` (ours with the reference's text batch 512) and ``defaults`` (ours with its default text batch);
+an info row for ours re-run from the on-disk cache (not a ratio: a cache hit is not the same work as computing).
+``--plot-dir``: time and peak RSS against the number of prompt texts (1, 2, 4 ... languages), each run in a
+fresh forked process.
 
-    python bench/bench_zeroshot.py [--langs all|EN,DE,...] [--images 2000] [--naive-langs 2] [--model DIR]
-    python bench/bench_zeroshot.py --mode label --langs all --naive-langs 10   # full 93-language shape, ~1-2 min:
-        # one text per class, so the image side shows: the naive loop embeds ~37x more images
+    python bench/bench_zeroshot.py [--langs OM,AM,BR,HI] [--per-class 2] [--rounds 3] [--model DIR]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import sys
 import tempfile
 import time
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vlm.eval.babel import BabelLabels, BabelPrompts, load_labels, load_prompts, render, resolve_langs, templates_for  # noqa: E402
+from common import Report, add_protocol_args, in_child, info_row, interleave, plot_growth, ratio_row  # noqa: E402
+from vlm.eval.babel import BUNDLED_DIR, load_labels, load_prompts, resolve_langs, templates_for  # noqa: E402
 from vlm.eval.zeroshot import TextEmbeddingCache, embed_images, evaluate_zeroshot, l2norm, make_text_encoder  # noqa: E402
-from vlm.tokenizers import ByteTokenizer  # noqa: E402
 from vlm.towers.base import ImagePreprocess  # noqa: E402
 
-from vlm.eval.babel import BUNDLED_DIR as SHARED  # noqa: E402  the bundled Babel-ImageNet files
-DEFAULT_LANGS = "OM,AM,BR,HI"  # 18..342 classes; BR has no translated prompts (EN fallback)
+BENCH_PROTOCOL = 1
+DEFAULT_LANGS = "OM,AM,BR,HI"  # 18..342 classes, 742 in all; BR has no translated prompts (EN fallback)
+
+
+class ClipTokenizer:
+    """open_clip's CLIP BPE tokenizer (bundled vocabulary) behind our interface: list[str] -> ids/mask [B, 77]."""
+
+    def __init__(self):
+        import open_clip
+
+        self.tok = open_clip.get_tokenizer("ViT-B-32")
+        self.vocab_size = 49408
+
+    def __call__(self, texts):
+        ids = self.tok(list(texts))
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
 
 class _Tower(nn.Module):
@@ -70,11 +79,11 @@ class _Tower(nn.Module):
 class BenchModel(nn.Module):
     """A small dual encoder with the model interface the evaluator uses."""
 
-    def __init__(self, width=32, layers=2, image_size=32, patch=4, context=32):
+    def __init__(self, width=64, layers=2, image_size=32, patch=4, context=77):
         super().__init__()
-        self.tokenizer = ByteTokenizer(context_length=context)
+        self.tokenizer = ClipTokenizer()
         self.image_preprocess = ImagePreprocess(image_size=image_size)
-        self.embed = nn.Embedding(ByteTokenizer.vocab_size, width)
+        self.embed = nn.Embedding(self.tokenizer.vocab_size, width)
         self.patch = nn.Conv2d(3, width, patch, patch)
         self.text = _Tower(width, layers, context)
         self.image = _Tower(width, layers, (image_size // patch) ** 2)
@@ -89,74 +98,76 @@ class BenchModel(nn.Module):
         return l2norm(x) if normalize else x
 
 
-def synth_files(seed=0) -> tuple[BabelLabels, BabelPrompts]:
-    """Same shapes as the real files: 93 languages, 18..1000 classes (EN 1000), 80 templates, 3 without."""
-    rng = random.Random(seed)
-    codes = ["EN"] + [f"L{i:02d}" for i in range(92)]
-    classes, labels, temps = {}, {}, {}
-    for i, c in enumerate(codes):
-        n = 1000 if c == "EN" else rng.randint(18, 1000)
-        idx = sorted(rng.sample(range(1000), n))
-        classes[c.lower()] = idx
-        labels[c.lower()] = [f"{c.lower()}-label-{j}" for j in idx]
-        if i < 90:
-            temps[c.lower()] = [f"{c.lower()} photo {k} of a {{}}." for k in range(80)]
-    return BabelLabels(classes, labels, "synthetic"), BabelPrompts(temps, "synthetic")
+class _Texts(Dataset):
+    """The reference's BabelImageNetTextDataset: ``prompt.format(label)`` for label for prompt."""
+
+    def __init__(self, labels, prompts):
+        self.data = [p.format(lab) for lab in labels for p in prompts]
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
 
 
-def naive_eval(model, labels, prompts, mode, langs, pixels, classes, batch_size, text_batch):
-    """The per-language reference loop. Returns ({lang: top1}, seconds text, seconds images, #texts, #images)."""
-    t_text = t_img = 0.0
-    n_text = n_img = 0
+def reference_eval(model, labels, prompts, mode, langs, pixels, classes, batch_size) -> dict:
+    """The Babel-ImageNet reference method (see the module docstring). -> {lang: top1 %}."""
     out = {}
-    with torch.inference_mode():
+    with torch.no_grad():
+        embs = [model.encode_image(b[0]) for b in DataLoader(TensorDataset(pixels), batch_size=batch_size)]
+        image_emb = torch.cat(embs)
         for lang in langs:
             temps, _, _ = templates_for(lang, mode, prompts)
-            t0 = time.perf_counter()
-            weights = []
-            for lab in labels.labels[lang]:  # classifier class by class, as the reference script
-                tok = model.tokenizer([render(t, lab) for t in temps])
-                e = l2norm(model.encode_text(tok["input_ids"], tok["attention_mask"]).float())
-                weights.append(l2norm(e.mean(0)))
-                n_text += len(temps)
-            W = torch.stack(weights)
-            t1 = time.perf_counter()
+            text = [model.encode_text(**b) for b in DataLoader(_Texts(labels.labels[lang], temps),
+                                                                batch_size=batch_size, collate_fn=model.tokenizer)]
+            t = torch.cat(text)
+            t = l2norm(t.view(len(t) // len(temps), len(temps), -1).mean(1))
             pos = {c: i for i, c in enumerate(labels.classes[lang])}
-            sel = [i for i, c in enumerate(classes.tolist()) if c in pos]
-            hits = 0
-            for j in range(0, len(sel), batch_size):  # re-embed this language's images
-                idx = torch.tensor(sel[j:j + batch_size])
-                f = l2norm(model.encode_image(pixels[idx]).float())
-                pred = (f @ W.t()).argmax(1)
-                hits += sum(int(p) == pos[int(c)] for p, c in zip(pred, classes[idx]))
-            n_img += len(sel)
-            t_img += time.perf_counter() - t1
-            t_text += t1 - t0
-            out[lang] = 100.0 * hits / max(len(sel), 1)
-    return out, t_text, t_img, n_text, n_img
+            sel = torch.tensor([i for i, c in enumerate(classes.tolist()) if c in pos])
+            target = torch.tensor([pos[int(c)] for c in classes[sel]])
+            pred = (image_emb[sel] @ t.t()).argmax(1)
+            out[lang] = 100.0 * (pred == target).float().mean().item()
+    return out
+
+
+def ours_eval(model, labels, prompts, mode, langs, pixels, classes, img_batch, text_batch, cache_dir=None) -> dict:
+    wanted = {c for lang in langs for c in labels.classes[lang]}
+    batches = ({"pixels": pixels[i:i + img_batch], "class_id": classes[i:i + img_batch]}
+               for i in range(0, len(pixels), img_batch))
+    emb, cls, _ = embed_images(model, batches, keep_classes=wanted)
+    cache = TextEmbeddingCache("bench", cache_dir) if cache_dir else None
+    res = evaluate_zeroshot(emb, cls, labels, prompts, mode, make_text_encoder(model, "cpu", text_batch), langs=langs,
+                            cache=cache, text_batch_size=text_batch)
+    return {lang: r["top1"] for lang, r in res["per_language"].items()}
+
+
+def _secs(fn, *a):
+    t = time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--langs", default=DEFAULT_LANGS, help=f"languages to evaluate, or 'all' (default {DEFAULT_LANGS})")
-    ap.add_argument("--naive-langs", type=int, default=2, help="time the naive loop on this many of them "
-                                                               "(those with the fewest classes) and extrapolate")
-    ap.add_argument("--images", type=int, default=2000, help="synthetic images over the 1000 classes")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--langs", default=DEFAULT_LANGS, help=f"languages, or 'all' (default {DEFAULT_LANGS})")
+    ap.add_argument("--per-class", type=int, default=2, help="synthetic images per ImageNet class (1000 classes)")
     ap.add_argument("--mode", default="translated", choices=("label", "en", "translated"))
-    ap.add_argument("--batch-size", type=int, default=256, help="image batch size")
-    ap.add_argument("--text-batch", type=int, default=1024, help="our text batch size")
+    ap.add_argument("--ref-batch", type=int, default=512, help="the reference's batch (images and texts)")
+    ap.add_argument("--text-batch", type=int, default=None, help="our text batch for the defaults row "
+                    "(default: evaluate_zeroshot's default)")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", default=None, help="a saved DualEncoder directory instead of the bench model")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's)")
+    add_protocol_args(ap)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.langs, args.per_class, args.rounds = "OM,AM,XH,HA", 1, 3
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-
-    lab_path, pr_path = os.path.join(SHARED, "babel_imagenet-93.json"), os.path.join(SHARED, "prompts-nllb-90.json")
-    if os.path.isfile(lab_path) and os.path.isfile(pr_path):
-        labels, prompts, src = load_labels(lab_path), load_prompts(pr_path), "Babel-ImageNet files"
-    else:
-        (labels, prompts), src = synth_files(), "synthesised (files not found)"
+    labels = load_labels(os.path.join(BUNDLED_DIR, "babel_imagenet-93.json"))
+    prompts = load_prompts(os.path.join(BUNDLED_DIR, "prompts-nllb-90.json"))
     langs = resolve_langs(None if args.langs.lower() == "all" else args.langs, labels)
     if args.model:
         from vlm.model import load_model
@@ -165,64 +176,56 @@ def main(argv=None) -> int:
         model = BenchModel().eval()
     S = model.image_preprocess.image_size
     g = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (args.images, 3, S, S), dtype=torch.uint8, generator=g)
-    classes = torch.randint(0, 1000, (args.images,), generator=g)
-    n_cls = sum(labels.num_classes(lang) for lang in langs)
+    classes = torch.arange(1000).repeat_interleave(args.per_class)
+    pixels = torch.randint(0, 256, (len(classes), 3, S, S), dtype=torch.uint8, generator=g)
     n_texts = sum(labels.num_classes(lang) * len(templates_for(lang, args.mode, prompts)[0]) for lang in langs)
-    print(f"data: {src}; {len(langs)} languages, {n_cls} classes, {n_texts} prompt texts ({args.mode}); "
-          f"{args.images} images at {S} px; threads {torch.get_num_threads()}")
-
-    with torch.inference_mode():  # warm-up (first-call allocations) outside every timed region
-        model.encode_image(pixels[:args.batch_size])
-        tok = model.tokenizer(["warm-up"] * 80)
-        model.encode_text(tok["input_ids"], tok["attention_mask"])
-
-    wanted = {c for lang in langs for c in labels.classes[lang]}
-
-    def batches():
-        for i in range(0, args.images, args.batch_size):
-            yield {"pixels": pixels[i:i + args.batch_size], "class_id": classes[i:i + args.batch_size]}
-
-    # ---- ours: images once, text cold (empty cache), then warm from disk in a fresh cache object
-    enc = make_text_encoder(model, "cpu", args.text_batch)
-    with tempfile.TemporaryDirectory() as cache_dir:
-        t0 = time.perf_counter()
-        emb, cls_kept, _ = embed_images(model, batches(), keep_classes=wanted)
-        t_img = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cold = evaluate_zeroshot(emb, cls_kept, labels, prompts, args.mode, enc, langs=langs,
-                                 cache=TextEmbeddingCache("bench", cache_dir), text_batch_size=args.text_batch)
-        t_cold = t_img + time.perf_counter() - t0
-        t0 = time.perf_counter()
-        emb2, _, _ = embed_images(model, batches(), keep_classes=wanted)
-        warm = evaluate_zeroshot(emb2, cls_kept, labels, prompts, args.mode, enc, langs=langs,
-                                 cache=TextEmbeddingCache("bench", cache_dir), text_batch_size=args.text_batch)
-        t_warm = time.perf_counter() - t0
-    assert warm["cache"]["disk_hits"] == len(langs) and warm["cache"]["misses"] == 0
-
-    # ---- naive on a subset spread over class counts, extrapolated per text and per image
-    sub = sorted(langs, key=labels.num_classes)[:max(1, min(args.naive_langs, len(langs)))]
-    top1, nt_s, ni_s, nt, ni = naive_eval(model, labels, prompts, args.mode, sub, pixels, classes, args.batch_size,
-                                          args.text_batch)
-    for lang in sub:  # same numbers as ours (ties aside)
-        ours = cold["per_language"][lang]["top1"]
-        if ours is not None and abs(ours - top1[lang]) > 1e-6 + 100.0 / max(cold["per_language"][lang]["n_images"], 1):
-            print(f"WARNING: {lang}: naive top1 {top1[lang]:.3f} vs ours {ours:.3f}")
-    all_texts = n_texts
-    all_imgs = sum(cold["per_language"][lang]["n_images"] for lang in langs)
-    t_naive = nt_s / nt * all_texts + ni_s / max(ni, 1) * all_imgs
-    print(f"naive loop measured on {len(sub)} languages ({', '.join(x.upper() for x in sub)}): {nt} texts in "
-          f"{nt_s:.1f} s, {ni} image embeddings in {ni_s:.1f} s")
-    print(f"naive, extrapolated linearly to {len(langs)} languages ({all_texts} texts, {all_imgs} image "
-          f"embeddings = images re-embedded per language): {t_naive:8.1f} s")
-    print(f"ours cold ({emb.shape[0]} images once {t_img:.1f} s + text, empty cache):            {t_cold:8.1f} s"
-          f"   speed-up x{t_naive / t_cold:.2f}")
-    print(f"ours warm (images once + text from the on-disk cache):                           {t_warm:8.1f} s"
-          f"   speed-up x{t_naive / t_warm:.1f}")
-    print(json.dumps({"languages": len(langs), "texts": all_texts, "images": args.images, "naive_s": round(t_naive, 2),
-                      "ours_cold_s": round(t_cold, 2), "ours_warm_s": round(t_warm, 2),
-                      "ratio_cold": round(t_naive / t_cold, 2), "ratio_warm": round(t_naive / t_warm, 1),
-                      "naive_extrapolated_from": [x.upper() for x in sub]}))
+    import inspect
+    default_tb = inspect.signature(evaluate_zeroshot).parameters["text_batch_size"].default
+    tb = args.text_batch or default_tb
+    rep = Report(__file__)
+    print(f"{len(langs)} languages ({','.join(x.upper() for x in langs)}), {n_texts} prompt texts ({args.mode}), "
+          f"{len(classes)} images at {S} px, threads {torch.get_num_threads()}; reference batch {args.ref_batch}, "
+          f"ours {args.ref_batch} (equal) and {tb} (defaults)", flush=True)
+    with torch.inference_mode():  # first-call allocations outside every timed region
+        model.encode_image(pixels[:64])
+        model.encode_text(**model.tokenizer(["warm-up"] * 80))
+    a = (model, labels, prompts, args.mode, langs, pixels, classes)
+    ref_top1 = reference_eval(*a, args.ref_batch)
+    ours_top1 = ours_eval(*a, args.ref_batch, args.ref_batch)
+    bad = {k: (ours_top1[k], ref_top1[k]) for k in langs if abs(ours_top1[k] - ref_top1[k]) > 100.0 / args.per_class / 18}
+    if bad:
+        print(f"WARNING: top-1 differs (ours, reference): {bad}")
+    ref = "Babel-ImageNet reference method"
+    for setting, our_tb in (("equal", args.ref_batch), ("defaults", tb)):
+        res = interleave({"ours": lambda: _secs(ours_eval, *a, args.ref_batch, our_tb),
+                          "ref": lambda: _secs(reference_eval, *a, args.ref_batch)}, args.rounds)
+        rep.add(ratio_row("zeroshot", f"{len(langs)} langs, {n_texts} texts, {len(classes)} images", res["ours"],
+                          res["ref"], unit="s", higher_is_better=False, setting=setting, peer_name=ref,
+                          peer_version="gregor-ge/Babel-ImageNet",
+                          note=f"text batch {our_tb} vs {args.ref_batch}, no cache"))
+    with tempfile.TemporaryDirectory() as cd:
+        ours_eval(*a, args.ref_batch, tb, cd)
+        warm = [_secs(ours_eval, *a, args.ref_batch, tb, cd) for _ in range(args.rounds)]
+    rep.add(info_row("zeroshot", "ours again from the on-disk text cache", warm, unit="s",
+                     note="cache hit: not comparable to computing, no ratio"))
+    if args.plot_dir:
+        order = sorted(langs, key=labels.num_classes)
+        series = {"vlm.eval.zeroshot": ([], [], []), ref: ([], [], [])}
+        for k in sorted({1, 2, 4, len(order)} & set(range(1, len(order) + 1))):
+            sub = order[:k]
+            nt = sum(labels.num_classes(x) * len(templates_for(x, args.mode, prompts)[0]) for x in sub)
+            b = (model, labels, prompts, args.mode, sub, pixels, classes)
+            for name, fn, extra in (("vlm.eval.zeroshot", ours_eval, (args.ref_batch, tb)),
+                                    (ref, reference_eval, (args.ref_batch,))):
+                t, m = in_child(_secs, fn, *b, *extra)
+                series[name][0].append(nt)
+                series[name][1].append(t)
+                series[name][2].append(m)
+        path = plot_growth(os.path.join(args.plot_dir, "zeroshot.png"), "Babel-ImageNet zero-shot (peak RSS)",
+                           "prompt texts", series)
+        if path:
+            rep.plots.append(path)
+    rep.finish(args.json)
     return 0
 
 
