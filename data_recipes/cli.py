@@ -81,9 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        epilog=BUILD_EPILOG)
     b.add_argument("source", nargs="?", default=None, help="rows file (.jsonl, .csv, .tsv), image folder (one "
                    "sub-folder per class), parquet/arrow table(s) or an img2dataset output folder")
-    b.add_argument("--format", choices=("xm3600", "xtd10", "multi30k", "xflickrco", "table", "img2dataset"),
+    b.add_argument("--format", choices=("xm3600", "xtd10", "multi30k", "xflickrco", "table", "img2dataset",
+                                        "tuxpaint"),
                    default=None, help="a retrieval benchmark in its published files (with --annotations and "
-                   "--images), or force the table / img2dataset reading of SOURCE (data_recipes.sources)")
+                   "--images), force the table / img2dataset reading of SOURCE (data_recipes.sources), or "
+                   "tuxpaint: a Tux Paint stamps folder -> OUT/train, OUT/val, labels.json (data_recipes.tuxpaint)")
     b.add_argument("--annotations", default=None, metavar="PATH", help="with a benchmark --format: its files")
     b.add_argument("--images", default=None, metavar="DIR", help="with a benchmark --format: its image folder")
     b.add_argument("--image-list", default=None, metavar="FILE", help="xtd10/multi30k: the image list the "

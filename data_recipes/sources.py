@@ -18,6 +18,8 @@ the rules of rows files (and ``read_image`` validates every image the same way).
   ``jpg``), a local path (the url column when it is not a URL, ``image_path``, the struct's ``path``;
   relative to the table's folder). An http(s)/s3/... URL with neither is skipped as ``remote_image``
   (download with img2dataset and build from its output folder). Other scalar columns are kept in the json.
+* **Tux Paint stamps** (``--format tuxpaint STAMPS_DIR``): :mod:`vlm.data_recipes.tuxpaint` (captions in
+  ~70 locales, duplicates dropped, transparency on white, a fixed train/val split by stamp).
 * **img2dataset output folders** (a folder holding ``*.tar``, detected, or ``--format img2dataset``):
   re-sharded through the streaming reader's safe tar walk (:func:`vlm.data.shards.tar_records`), not
   copied. Why: img2dataset's json holds a plain ``caption`` and a ``lang`` only if it was saved as an
@@ -44,7 +46,7 @@ from vlm.data_recipes.rows import RowError, parse_row
 from vlm.errors import DataError
 
 BENCHMARKS = ("xm3600", "xtd10", "multi30k", "xflickrco")
-FORMATS = BENCHMARKS + ("table", "img2dataset")
+FORMATS = BENCHMARKS + ("table", "img2dataset", "tuxpaint")
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 _URL_FALLBACKS = ("image_path", "image", "path", "file_name")
 _BYTES_COLS = ("image", "jpg", "png", "webp", "image_bytes", "bytes")
@@ -389,6 +391,13 @@ def build_from_args(kind: str, ns, **opts):
                 lang_col=getattr(ns, "lang_col", None) or "lang", lang=getattr(ns, "lang", None))
     if kind == "table":
         return build_from_table(ns.source, ns.out, url_col=getattr(ns, "url_col", None), **cols, **opts)
+    if kind == "tuxpaint":  # data_recipes.tuxpaint: a stamps folder -> train/ + val/ + labels/prompts files
+        from vlm.data_recipes.tuxpaint import build_tuxpaint
+
+        keep = ("max_count", "max_size", "max_pixels", "quality", "shuffle_seed", "overwrite", "log", "args",
+                "strict_langs")
+        return build_tuxpaint(ns.source, ns.out, resize=opts.get("resize") or 224,
+                              **{k: v for k, v in opts.items() if k in keep})
     if kind == "img2dataset":
         if getattr(ns, "url_col", None):
             raise DataError("--url-col is for tables; an img2dataset folder's images are in its tars")
