@@ -2,7 +2,7 @@
 open_clip's ClipLoss / SigLipLoss on the same inputs, at several global batches and world sizes.
 
     python bench/bench_losses.py                                   # batch 256/1024/4096, world 1 and 2
-    python bench/bench_losses.py --batches 8192 --worlds 2 --repeats 3 --dim 768
+    python bench/bench_losses.py --batches 8192 --worlds 2 --rounds 3 --dim 768
 
 Setup: random L2-normalised float32 features ``[B/W, E]`` per rank (E = --dim, 512), ``logit_scale`` and
 ``logit_bias`` as leaf tensors requiring grad. World 1 runs in this process; world
@@ -17,8 +17,9 @@ machine is shared, and oversubscribed OpenMP threads make timings meaningless). 
     grouped       ours GroupedClipLoss(group_size=--group-size, default 1) vs open_clip's full gather
                   (local_loss=True, gather_with_grad=True): the saving of gathering within groups
 
-Time: the best of --repeats timed forward+backward calls (after one untimed, profiled call), each call's
-time being the slowest rank's. Best-of-n because the 2-core machine is shared with other jobs.
+Time: after one untimed, profiled call of each side, --rounds timed forward+backward calls of ours and the
+peer's alternate (ABBA), each call's time being the slowest rank's; the row gives the median of the per-round
+ratios open_clip/ours and their spread (bench/common.py).
 Memory ("peak MiB"): torch's CPU allocator has no peak counter and tracemalloc does not see it, so one
 forward+backward runs under ``torch.profiler.profile(profile_memory=True)``; its allocation/free events
 (``[memory]``, +bytes / -bytes) are replayed in time order and the peak of the running sum is reported:
@@ -34,6 +35,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +46,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import Report, add_protocol_args, info_row, plot_growth, ratio_row  # noqa: E402
+
+BENCH_PROTOCOL = 1
 
 LOSSES = ("clip", "clip_local", "siglip_gather", "siglip_ring", "decoupled", "grouped")
 DEFAULT_LOSSES = ("clip", "siglip_gather", "siglip_ring", "decoupled", "grouped")
@@ -123,12 +130,14 @@ def _slowest(x: float, world: int) -> float:
     return float(t)
 
 
-def measure(loss, inputs, world, repeats, kwargs, peer: bool):
+def make_step(loss, inputs, kwargs, peer: bool):
+    """-> (clear, step): ``step()`` is one forward+backward of ``loss``; ``clear()`` drops the gradients (outside
+    the timed region: freeing old gradients is not the loss's work)."""
     from vlm.losses import total_loss
 
     img, txt, scale, bias = inputs
 
-    def clear():  # outside the measured region: freeing old gradients is not the loss's work
+    def clear():
         for t in (img, txt, scale, bias):
             if t is not None:
                 t.grad = None
@@ -139,22 +148,21 @@ def measure(loss, inputs, world, repeats, kwargs, peer: bool):
         else:  # ours read the model's output dict and return a dict of named losses
             out = {"image_features": img, "text_features": txt, "logit_scale": scale, "logit_bias": bias}
             total_loss(loss(out, **kwargs)).backward()
+    return clear, step
 
+
+def timed_call(clear, step, world) -> float:
     clear()
     _barrier(world)
-    mem = peak_bytes(step)  # also the untimed warm-up call
-    times = []
-    for _ in range(repeats):
-        clear()
-        _barrier(world)
-        t0 = time.perf_counter()
-        step()
-        times.append(_slowest(time.perf_counter() - t0, world))
-    return min(times), mem  # best of n: the least disturbed by the other jobs on the machine
+    t0 = time.perf_counter()
+    step()
+    return _slowest(time.perf_counter() - t0, world)
 
 
 def run_world(rank, world, args):
-    """All rows for one world size; returns a list of dicts (meaningful on rank 0)."""
+    """All rows for one world size; returns a list of dicts (meaningful on rank 0). Per row: one untimed,
+    profiled call of each side (peak memory, warm-up), then ``--rounds`` rounds timing ours and the peer's in
+    ABBA order (each call's time = the slowest rank's)."""
     rows = []
     for batch in args.batches:
         if batch % world:
@@ -170,18 +178,24 @@ def run_world(rank, world, args):
             scale = torch.tensor(10.0, requires_grad=True)
             bias = torch.tensor(-10.0, requires_grad=True)
             kwargs = {"text_to_image": torch.arange(b).repeat(captions)} if name == "decoupled" else {}
-            t_ours, m_ours = measure(ours, (img, txt, scale, bias), world, args.repeats, kwargs, False)
-            gathered = ours.comm.all_gather + ours.comm.p2p
-            row = {"world": world, "batch": batch, "loss": name, "ours_s": t_ours, "ours_mib": m_ours / 2**20,
-                   "logits_mib": n_logits * 4 / 2**20, "comm_elems": gathered,
-                   "peer_s": None, "peer_mib": None}
+            sides = {"ours": make_step(ours, (img, txt, scale, bias), kwargs, False)}
             if peer is not None:
-                if name.startswith("siglip"):
-                    inputs = (img, txt, scale, bias)
-                else:  # open_clip's ClipLoss with a bias adds it to both logit matrices; keep it None
-                    inputs = (img, txt, scale, None)
-                row["peer_s"], peer_mem = measure(peer, inputs, world, args.repeats, {}, True)
-                row["peer_mib"] = peer_mem / 2**20
+                # open_clip's ClipLoss with a bias adds it to both logit matrices; keep it None there
+                inputs = (img, txt, scale, bias) if name.startswith("siglip") else (img, txt, scale, None)
+                sides["peer"] = make_step(peer, inputs, {}, True)
+            mem = {}
+            for k, (clear, step) in sides.items():
+                clear()
+                _barrier(world)
+                mem[k] = peak_bytes(step) / 2**20
+            gathered = ours.comm.all_gather + ours.comm.p2p
+            times = {k: [] for k in sides}
+            for r in range(args.rounds):
+                for k in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                    times[k].append(timed_call(*sides[k], world))
+            row = {"world": world, "batch": batch, "loss": name, "ours_times": times["ours"],
+                   "ours_mib": mem["ours"], "logits_mib": n_logits * 4 / 2**20, "comm_elems": gathered,
+                   "peer_times": times.get("peer"), "peer_mib": mem.get("peer")}
             rows.append(row)
             if rank == 0 and args.verbose:
                 print(json.dumps(row), flush=True)
@@ -215,24 +229,6 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def fmt(x, width: int, prec: int = 1, suffix: str = "") -> str:
-    return ("-" if x is None else f"{x:.{prec}f}{suffix}").rjust(width)
-
-
-def print_table(rows) -> None:
-    head = (f"{'W':>2} {'batch':>6} {'loss':<14} {'ours ms':>9} {'open_clip ms':>12} {'speedup':>8} "
-            f"{'ours MiB':>9} {'open_clip MiB':>13} {'mem ratio':>9} {'logits MiB':>10} {'comm elems':>11}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        sp = r["peer_s"] / r["ours_s"] if r["peer_s"] else None
-        mr = r["peer_mib"] / r["ours_mib"] if r["peer_mib"] and r["ours_mib"] else None
-        print(f"{r['world']:>2} {r['batch']:>6} {r['loss']:<14} {fmt(r['ours_s'] * 1e3, 9)} "
-              f"{fmt(r['peer_s'] and r['peer_s'] * 1e3, 12)} {fmt(sp, 8, 2, 'x')} "
-              f"{fmt(r['ours_mib'], 9)} {fmt(r['peer_mib'], 13)} {fmt(mr, 9, 2, 'x')} "
-              f"{fmt(r['logits_mib'], 10)} {r['comm_elems']:>11}")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096], help="global batch sizes")
@@ -240,7 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--losses", nargs="+", default=None, choices=LOSSES,
                    help=f"default: {' '.join(DEFAULT_LOSSES)} (clip_local is the full-gather twin of grouped)")
     p.add_argument("--dim", type=int, default=512, help="embedding dim E")
-    p.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (best of n)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timed calls per side (ABBA); median ratio")
     p.add_argument("--captions", type=int, default=2, help="texts per image for the decoupled loss")
     p.add_argument("--group-size", type=int, default=1, help="GroupedClipLoss group size (capped at W)")
     p.add_argument("--block-elems", type=int, default=None,
@@ -249,7 +245,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads-per-rank", type=int, default=1,
                    help="torch threads per rank (1: the 2-core machine is shared; raise it on a quiet box)")
     p.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    add_protocol_args(p)
     args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.worlds, args.rounds = [256, 1024, 4096, 8192], [1], 3
+        args.losses = args.losses or ["clip", "siglip_gather", "decoupled"]
     args.losses_given = args.losses is not None
     args.losses = args.losses or list(DEFAULT_LOSSES)
     _quiet()
@@ -265,12 +265,31 @@ def main(argv=None) -> int:
             mp.start_processes(_worker, args=(world, _port(), args, out), nprocs=world, start_method="spawn")
             with open(out) as f:
                 rows += json.load(f)
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores, {args.threads_per_rank} thread(s) per rank, "
-          f"E={args.dim}, repeats={args.repeats}; "
-          "time = best of n fwd+bwd (slowest rank); speedup and mem ratio = open_clip / ours; at W=1 "
-          f"{', '.join(sorted(SAME_AT_W1))} equal {', '.join(SAME_AT_W1[k] for k in sorted(SAME_AT_W1))} "
-          "and are not repeated")
-    print_table(rows)
+    rep = Report(__file__, "open_clip_torch")
+    ocv = rep.env["versions"]["open_clip_torch"]
+    print(f"{args.threads_per_rank} thread(s) per rank, E={args.dim}, {args.rounds} interleaved rounds; time = one "
+          "fwd+bwd (slowest rank); at W=1 " + ", ".join(f"{k} = {v}" for k, v in sorted(SAME_AT_W1.items())) +
+          " and are not repeated")
+    for r in rows:
+        case = f"{r['loss']} W={r['world']} batch {r['batch']}"
+        mem = f"peak MiB ours {r['ours_mib']:.0f}" + (f" / peer {r['peer_mib']:.0f}" if r["peer_mib"] is not None
+                                                       else "") + f", logits {r['logits_mib']:.0f}"
+        if r["peer_times"]:
+            rep.add(ratio_row("losses", case, r["ours_times"], r["peer_times"], unit="s", higher_is_better=False,
+                              peer_name="open_clip loss", peer_version=ocv, note=mem))
+        else:
+            rep.add(info_row("losses", case, r["ours_times"], unit="s", note=mem + "; open_clip has none"))
+    if args.plot_dir:
+        series = {}
+        for side, key in (("vlm ClipLoss", "ours"), ("open_clip ClipLoss", "peer")):
+            pts = [r for r in rows if r["loss"] == "clip" and r["world"] == 1 and r[f"{key}_times"]]
+            series[side] = ([r["batch"] for r in pts], [statistics.median(r[f"{key}_times"]) for r in pts],
+                            [r[f"{key}_mib"] for r in pts])
+        path = plot_growth(os.path.join(args.plot_dir, "losses.png"), "contrastive loss fwd+bwd, W=1, E="
+                           f"{args.dim}", "global batch", series)
+        if path:
+            rep.plots.append(path)
+    rep.finish(args.json)
     return 0
 
 

@@ -37,9 +37,11 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["softmax_ce_square", "softmax_ce_rows", "sigmoid_block", "decoupled_stats", "DEFAULT_BLOCK_ELEMS"]
 
-# Rows per block are chosen so a float32 block holds at most this many logits (2**24 -> 64 MiB): big
-# enough that batch 4096 runs as one block (3 matmuls), small enough to bound memory beyond that.
-DEFAULT_BLOCK_ELEMS = 1 << 24
+# Rows per block are chosen so a float32 block holds at most this many logits (2**26 -> 256 MiB): big
+# enough that batch 8192 runs as one block (3 matmuls), small enough to bound memory beyond that. Splitting
+# the square loss costs a recomputed logits matmul per block (4 matmuls instead of 3), measured 1.5-1.9x the
+# one-block time at batch 4096 and 8192 on one core (bench/bench_losses.py): blocks pay only where memory must.
+DEFAULT_BLOCK_ELEMS = 1 << 26
 # Elementwise work (log-sum-exp, exp, sigmoid) runs on row slices of about this many logits, in place
 # where possible, so its temporaries stay small and in cache.
 _SUB_ELEMS = 1 << 17
