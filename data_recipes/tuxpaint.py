@@ -180,6 +180,7 @@ def build_tuxpaint(stamps_dir, out_dir, *, val_fraction: float = 0.2, resize: in
             except RowError as e:
                 skipped.append({"row": n, "reason": e.reason, "image": str(rel), "detail": e.detail})
                 continue
+            plan.captions = {k: list(dict.fromkeys(v)) for k, v in plan.captions.items()}  # de + de_DE: once
             items[split_of(rel, val_fraction)].append((n, plan, tmp))
         for txt in sorted(root.rglob("*.txt")):
             if not txt.with_suffix(".png").exists():
