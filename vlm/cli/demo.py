@@ -91,6 +91,22 @@ def check_args(args) -> None:
     load_config(PretrainConfig, demo_config_path(), list(args.overrides))  # a bad key or value: one line
 
 
+def pretrain_overrides(args, demo, run_dir: Path) -> list[str]:
+    """The overrides of ``pretrain_demo.yaml`` that the demo's dual encoder is trained with (steps, data,
+    run dir, ``--quick``), then the user's own; the further demos train the same teacher with them."""
+    overrides = [f"data.shards={demo.train_spec}", f"val_data.shards={demo.val_spec}",
+                 f"train.run_dir={run_dir}", f"data.num_workers={args.workers}", f"train.threads={args.threads}",
+                 "train.resume=" + ("null" if args.fresh else "latest")]
+    if args.quick:
+        overrides += ["train.steps=6", "data.batch_size=16", "val_batches=1", "optim.warmup_steps=2",
+                      "train.ckpt_every=3", "train.log_every=2", "data.shuffle_buffer=50"]
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.no_progress:
+        overrides.append("train.progress=false")
+    return overrides + list(getattr(args, "overrides", None) or [])
+
+
 def run(args) -> int:
     for flag, (module, _) in STAGES.items():
         if getattr(args, flag, False):
@@ -112,17 +128,7 @@ def run(args) -> int:
     demo = build_demo(out / "data", train=n_train, val=n_val, reuse=True, train_shards=4 if args.quick else 6)
 
     run_dir = out / "run"
-    overrides = [f"data.shards={demo.train_spec}", f"val_data.shards={demo.val_spec}",
-                 f"train.run_dir={run_dir}", f"data.num_workers={args.workers}", f"train.threads={args.threads}",
-                 "train.resume=" + ("null" if args.fresh else "latest")]
-    if args.quick:
-        overrides += ["train.steps=6", "data.batch_size=16", "val_batches=1", "optim.warmup_steps=2",
-                      "train.ckpt_every=3", "train.log_every=2", "data.shuffle_buffer=50"]
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
-    if args.no_progress:
-        overrides.append("train.progress=false")
-    cfg = load_config(PretrainConfig, demo_config_path(), overrides + list(args.overrides))
+    cfg = load_config(PretrainConfig, demo_config_path(), pretrain_overrides(args, demo, run_dir))
     print(f"[2/4] pretraining a dual encoder ({cfg.model.image_tower} + {cfg.model.text_tower}, "
           f"{cfg.train.steps} steps) -> {run_dir}", flush=True)
     summary = pretrain(cfg)
