@@ -11,6 +11,8 @@ Design (scales to 93 languages x up to 1000 classes x 80 prompts):
    each prompt embedding L2-normalised, averaged over the class's templates and re-normalised. Texts are
    encoded in batches and accumulated into ``[C, E]`` sums with ``index_add_``, so memory stays
    ``C x E`` even for 1000 classes x 80 prompts.
+   Texts go in length order and each batch is cut to its longest text (``trimmed_padding``: checked once
+   to give the same embeddings), so short prompts do not pay for a 77-token context.
 3. **Cache** (:class:`TextEmbeddingCache`): class embeddings are kept in memory and on disk
    (safetensors, one file per entry, written atomically) keyed by sha256 of (model id, language, label
    strings, templates). A second run (or another mode sharing a prompt set) costs no text encoding.
@@ -63,6 +65,8 @@ def class_embeddings(encode_texts: EncodeTexts, labels: list[str], templates: li
         raise ValueError("class_embeddings needs at least one label and one template")
     counts = Counter(templates)
     texts = [(c, render(t, lab), float(k)) for c, lab in enumerate(labels) for t, k in counts.items()]
+    # similar lengths in one batch: the encoder trims padding to the batch's longest text (make_text_encoder)
+    texts.sort(key=lambda x: len(x[1]))
     sums = None
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
@@ -253,16 +257,46 @@ def make_text_encoder(model, device: str | torch.device = "cpu", batch_size: int
     ``encode_text(input_ids [B, L], attention_mask [B, L]) -> [B, E]``; batched, under inference mode
     (and bf16 autocast when ``bf16``: part of the cache's model id, since it changes the numbers)."""
     tok = model.tokenizer
+    trim = {"ok": None}  # None: not checked yet; then whether this tower gives the same embeddings trimmed
+
+    def run(t):
+        return l2norm(model.encode_text(t["input_ids"].to(device), t["attention_mask"].to(device),
+                                        normalize=True).float()).cpu()
 
     def encode_texts(texts: list) -> torch.Tensor:
         outs = []
         with torch.inference_mode(), _autocast(device, bf16):
             for i in range(0, len(texts), batch_size):
                 t = tok(list(texts[i:i + batch_size]))
-                outs.append(l2norm(model.encode_text(t["input_ids"].to(device), t["attention_mask"].to(device),
-                                                     normalize=True).float()).cpu())
+                short = trimmed_padding(t) if trim["ok"] is not False else None
+                if short is None:
+                    outs.append(run(t))
+                elif trim["ok"]:
+                    outs.append(run(short))
+                else:  # first trimmable batch: keep trimming only if it changes nothing
+                    full = run(t)
+                    try:
+                        trim["ok"] = bool(torch.allclose(run(short), full, rtol=1e-4, atol=1e-5))
+                    except Exception:  # noqa: BLE001 - a tower that needs its full context length
+                        trim["ok"] = False
+                    outs.append(full)
         return torch.cat(outs)
     return encode_texts
+
+
+def trimmed_padding(t: dict) -> dict | None:
+    """Tokenizer output ``input_ids``/``attention_mask [B, L]`` cut to ``[B, L']``, ``L'`` = the longest text's
+    length, when the padding is on the right (else None: nothing to cut, or left/inner padding). Texts of a
+    zero-shot classifier are short (a CLIP prompt is ~10-20 of 77 tokens), so the text tower does a fraction of
+    the work; :func:`make_text_encoder` uses it only after checking, on the first batch, that the tower gives
+    the same embeddings (a tower that pools over padding would not)."""
+    mask = t.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return None
+    n = int(mask.sum(1).max()) if mask.numel() else 0
+    if n == 0 or n >= mask.shape[1] or bool(mask[:, n:].any()):
+        return None
+    return {"input_ids": t["input_ids"][:, :n], "attention_mask": mask[:, :n]}
 
 
 def embed_images(model, batches: Iterable[dict], device: str | torch.device = "cpu", progress: bool = False,
