@@ -172,10 +172,15 @@ class Embedder(nn.Module):
         """``inputs_embeds [B, L, H]``, ``attention_mask [B, L]`` (left or right padded) -> the LLM's final
         hidden state at the last non-pad token ``[B, H]``. Causal LMs get explicit position ids (so padding
         shifts no position; a soft prompt is prepended here as peft's forward would, since peft drops
-        position ids); seq2seq LMs: the encoder reads the sequence, the decoder's first state (after its
-        start token) is the one that would predict the summary word."""
+        position ids); seq2seq LMs: the encoder reads the sequence (right-aligned: T5's relative positions go
+        by index), the decoder's first state (after its start token) is the one that would predict the
+        summary word."""
         llm = self.vlm.llm
         model = llm.model
+        if llm.is_encoder_decoder:  # relative positions go by index: move the padding to the right
+            order = (1 - mask.long()).argsort(dim=1, stable=True)
+            embeds = embeds.gather(1, order.to(embeds.device)[..., None].expand_as(embeds))
+            mask = mask.gather(1, order)
         if is_prompt_learning(model):
             embeds, mask = prepend_soft_prompt(model, embeds, mask)
             model = model.get_base_model()
