@@ -72,7 +72,13 @@ def test_unconditional_baseline_trains_on_empty_prompts(demo, tmp_path):
 
     summary = run(_cfg(demo, tmp_path / "uncond", "unconditional=true", "train.steps=2"))
     model = TextToImage.from_pretrained(summary["final_dir"])
-    assert model.config.cond_dropout == 0.0  # every prompt is dropped by the recipe instead
+    assert model.config.unconditional and model.config.cond_dropout == 0.0
+    from vlm.vision_llm.t2i_heads import Sampling
+
+    s = Sampling(temperature=0)
+    a = model.generate_codes(["ein roter Kreis"], "de", sampling=s)
+    b = model.generate_codes(["a blue star on green"], "en", sampling=s)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the prompt is ignored
 
 
 def test_generate_image_cli_writes_a_png_and_bad_args_are_one_line(trained, tmp_path, capsys):

@@ -24,8 +24,9 @@ What it does, in :func:`run` (the model is :class:`vlm.vision_llm.t2i.TextToImag
    (a vision-LLM directory plus ``t2i.json`` / ``t2i.safetensors``), what ``vlm generate-image --model``
    and ``vlm eval t2i --model`` read.
 
-``unconditional: true`` trains the same model on empty prompts only (every caption dropped): the
-unconditioned baseline of ``vlm demo --tokenizer``.
+``unconditional: true`` trains the same model on empty prompts only (every caption dropped; saved as
+``model.unconditional``, so generation ignores the prompt too): the unconditioned baseline of
+``vlm demo --tokenizer``.
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def debug_config(cfg: T2ITrainConfig) -> T2ITrainConfig:
 def build_model(cfg: T2ITrainConfig) -> TextToImage:
     model_cfg = cfg.model
     if cfg.unconditional:
-        model_cfg = dataclasses.replace(model_cfg, cond_dropout=0.0)
+        model_cfg = dataclasses.replace(model_cfg, cond_dropout=0.0, unconditional=True)
     return TextToImage(model_cfg)
 
 
@@ -116,11 +117,8 @@ def loader(model: TextToImage, data: DataConfig, env, position=None):
                        collate_fn=model.collate())
 
 
-def _to(batch: dict, device, unconditional: bool) -> dict:
-    b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    if unconditional:
-        b["input_ids"], b["attention_mask"] = b["uncond_ids"], b["uncond_mask"]
-    return b
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def t2i_step(run: Run, micro: list[dict]) -> dict[str, float]:
@@ -129,7 +127,7 @@ def t2i_step(run: Run, micro: list[dict]) -> dict[str, float]:
     k = len(micro)
     logged: dict[str, float] = {}
     for j, b in enumerate(micro):
-        b = _to(b, env.device, cfg.unconditional)
+        b = _to(b, env.device)
         with no_sync(run.train_model, env, sync=(j == k - 1)):
             with autocast(cfg.train.precision, env.device):
                 out = run.train_model(b)
@@ -152,7 +150,7 @@ def validation_loss(run: Run, max_batches: int) -> float:
         if i >= max_batches:
             break
         with autocast(cfg.train.precision, env.device):
-            out = run.train_model(_to(b, env.device, cfg.unconditional))
+            out = run.train_model(_to(b, env.device))
         tot += float(out["t2i_semantic_loss"] + out["t2i_pixel_loss"])
         n += 1
     run.train_model.train()

@@ -72,6 +72,8 @@ class T2IConfig(VisionLLMConfig):
     """Share of training rows whose prompt is dropped (the unconditional model for guidance)."""
     t2i_prompts: dict[str, str] = field(default_factory=dict)
     """``{lang: "template with {caption}"}`` (``"*"``: any other language); default the caption itself."""
+    unconditional: bool = False
+    """Ignore every prompt (training and generation see only the unconditional one): the baseline model."""
 
     def __post_init__(self) -> None:  # unlike a captioner, the projector is unused here: frozen by default
         self.trainable = {"projector": "frozen", **dict(self.trainable or {})}
@@ -254,7 +256,9 @@ class TextToImage(nn.Module):
         ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
         B = ids.shape[0]
         drop = torch.zeros(B, dtype=torch.bool, device=dev)
-        if self.training and self.config.cond_dropout > 0:
+        if self.config.unconditional:
+            ids, mask = batch["uncond_ids"].to(dev), batch["uncond_mask"].to(dev)
+        elif self.training and self.config.cond_dropout > 0:
             drop = (torch.rand(B) < self.config.cond_dropout).to(dev)
             ids = torch.where(drop[:, None], batch["uncond_ids"].to(dev), ids)
             mask = torch.where(drop[:, None], batch["uncond_mask"].to(dev), mask)
@@ -296,8 +300,10 @@ class TextToImage(nn.Module):
         langs = [normalize_lang(x) for x in langs]
         dev = self.boi.device
         enc = {k: v.to(dev) for k, v in self.prompter(list(captions), langs).items()}
-        guided = s.guidance > 0
+        guided = s.guidance > 0 and not self.config.unconditional
         ids, mask = enc["input_ids"], enc["attention_mask"]
+        if self.config.unconditional:
+            ids, mask = enc["uncond_ids"], enc["uncond_mask"]
         if guided:
             ids, mask = torch.cat([ids, enc["uncond_ids"]]), torch.cat([mask, enc["uncond_mask"]])
         R, N = ids.shape[0], self.num_tokens
