@@ -132,6 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_t2i(sub)  # vlm eval t2i (eval/t2i.py)
 
+    from vlm.eval.tokenizer import add_arguments as add_tokenizer
+
+    add_tokenizer(sub)  # vlm eval tokenizer (eval/tokenizer.py)
+
     c = sub.add_parser("compare", help="one Markdown table over several report JSONs")
     c.add_argument("reports", nargs="+", help="report .json files written by vlm eval")
     c.add_argument("--metric", default=None, help="metric to compare (default: the primary metric)")
@@ -151,7 +155,8 @@ def run(args) -> int:
         raise UserError("choose a task: vlm eval zeroshot|retrieval|caption|vqa|compare (see vlm eval --help)")
     check_args(args)
     return {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "caption": run_metrics, "vqa": run_metrics,
-            "compare": run_compare, "classify": run_classify, "t2i": run_t2i}[task](args)
+            "compare": run_compare, "classify": run_classify, "t2i": run_t2i,
+            "tokenizer": run_tokenizer}[task](args)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -439,6 +444,12 @@ def _generate_and_score(args) -> int:
 
 def run_classify(args) -> int:
     from vlm.eval.classify import run_classify as _run
+
+    return _run(args)
+
+
+def run_tokenizer(args) -> int:
+    from vlm.eval.tokenizer import run_tokenizer as _run
 
     return _run(args)
 
