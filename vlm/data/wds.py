@@ -67,6 +67,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlm.data.clusters import check_cluster_batches, cluster_records
 from vlm.data.collate import collate
 from vlm.data.decode import (REASONS, SampleSkipped, SkipStats, decode_settings, expand_shards, open_shard,
                               read_shards)
@@ -126,6 +127,7 @@ class DataConfig:
     jpeg_draft: bool = True
     allow_pipe: bool = False
     max_consecutive_skips: int = 10_000
+    clusters: Optional[str] = None  # mined hard-negative clusters (JSONL) served as batches: vlm.data.clusters
     prefetch_factor: int = 2
     pin_memory: bool = False
     mp_context: Optional[str] = None
@@ -192,6 +194,8 @@ class _Plan:
 
     def records(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict]:
         cfg = self.cfg
+        if cfg.clusters:  # in cluster order, by random access; no shuffle buffer (it would split clusters)
+            return cluster_records(self, epoch, self.rank, self.world_size, worker, num_workers)
         read = functools.partial(read_shards, allow_pipe=cfg.allow_pipe, max_member_bytes=cfg.max_member_bytes)
         if cfg.resampled:
             wseed = functools.partial(_const, stable_seed("worker", self.rank, worker) % (1 << 31))
@@ -473,6 +477,7 @@ def make_loader(cfg: DataConfig, preprocess, tokenizer=None, *, rank: Optional[i
     if cfg.resampled and not cfg.epoch_samples:
         raise UserError("data.resampled=true streams forever: set data.epoch_samples (samples per epoch, all ranks)")
     sources = _sources(cfg)
+    if cfg.clusters: check_cluster_batches(cfg)  # noqa: E701 (a batch size that would split clusters)
     n_shards = sum(len(u) for u, _, _ in sources)
     if not cfg.resampled:
         consumers = world_size * max(1, cfg.num_workers)
