@@ -136,10 +136,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_tokenizer(sub)  # vlm eval tokenizer (eval/tokenizer.py)
 
-    c = sub.add_parser("compare", help="one Markdown table over several report JSONs")
-    c.add_argument("reports", nargs="+", help="report .json files written by vlm eval")
-    c.add_argument("--metric", default=None, help="metric to compare (default: the primary metric)")
-    c.add_argument("--out", default=None, help="also write the table to this .md file")
+    c = sub.add_parser("compare", help="one table over several models (zero-shot + retrieval, eval.compare) "
+                                       "or over several report JSONs")
+    c.add_argument("reports", nargs="*", help="report .json files written by vlm eval (instead of --models)")
+    c.add_argument("--metric", default=None, help="with reports: metric to compare (default: the primary metric)")
+    c.add_argument("--out", default=None, help="with reports: also write the table to this .md file; with "
+                                               "--models: the report folder (default ./eval_out)")
+    from vlm.eval.compare import add_model_arguments
+
+    add_model_arguments(c)  # --models DIR ... with --images / --shards: eval.compare
 
 
 def add_trust_flag(p: argparse.ArgumentParser) -> None:
@@ -463,6 +468,12 @@ def run_t2i(args) -> int:
 def run_compare(args) -> int:
     from vlm.eval.report import compare_reports
 
+    if args.models:
+        from vlm.eval.compare import run_models
+
+        return run_models(args)
+    if not args.reports:
+        raise UserError("vlm eval compare needs report JSONs, or --models DIR [DIR ...] with --images/--shards")
     table = compare_reports(args.reports, args.metric)
     print(table)
     if args.out:
