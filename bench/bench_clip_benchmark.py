@@ -41,6 +41,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import Report, add_protocol_args, ratio_row  # noqa: E402
+
+BENCH_PROTOCOL = 1
 
 ARCH = "vlm-bench-cb-vit64"
 CFG = {"embed_dim": 128,
@@ -127,7 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--per-class", type=int, default=2, help="synthetic images per ImageNet class (default 2)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     ap.add_argument("--batch-size", type=int, default=64, help="images per batch, both tools (default 64)")
+    add_protocol_args(ap)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats = 3
     # open_clip logs "No pretrained weights loaded ... initialized randomly" when our towers build the
     # architecture before loading the checkpoint themselves (and for the random-init source model)
     logging.getLogger().setLevel(logging.ERROR)
@@ -179,6 +187,14 @@ def main(argv=None) -> int:
               f"{top1['ours'][lang]:.4f}")
     same = all(abs(top1["peer"][lang] - top1["ours-torchvision"][lang]) < 1e-4 for lang in langs)
     print("ours-torchvision top-1 == clip_benchmark top-1:", same)
+    rep = Report(__file__, "clip_benchmark", "open_clip_torch")
+    rep.env["load_avg"] = list(load0)
+    for k, setting in (("ours-torchvision", "equal"), ("ours", "defaults")):
+        rep.add(ratio_row("zeroshot", f"vs clip_benchmark, {len(langs)} langs, {n_cls * 80} texts", times[k],
+                          times["peer"], unit="s", higher_is_better=False, setting=setting, peer_name="clip_benchmark",
+                          peer_version=peer_version, note=("its pixels (--preprocess torchvision), same top-1: "
+                                                           f"{same}") if k != "ours" else "our loader's pixels"))
+    rep.finish(args.json)
     return 0 if same else 2
 
 

@@ -27,15 +27,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 from torch import nn
 
+from common import Report, add_protocol_args, interleave, ratio_row, timed  # noqa: E402
+
+BENCH_PROTOCOL = 1
+
 
 class HFVisionTower(nn.Module):
-    """A transformers BLIP-2 vision model as a tower: ``forward(pixels [B,3,S,S] float) -> [B, N, D]``."""
+    """A transformers BLIP-2 vision model as a tower: ``forward(pixels [B,3,S,S] float) -> ([B, N, D], {})``
+    (the tower interface: tokens and an aux dict)."""
 
     def __init__(self, vision_model: nn.Module, image_size: int):
         super().__init__()
@@ -47,12 +54,14 @@ class HFVisionTower(nn.Module):
         self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
         self.preprocess = ImagePreprocess(image_size=image_size, mean=(0.481, 0.458, 0.408), std=(0.269, 0.261, 0.276))
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vision(pixel_values=pixels).last_hidden_state
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return self.vision(pixel_values=pixels).last_hidden_state, {}
 
 
-def build_pair(hidden: int, layers: int, queries: int, seed: int = 0):
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+def build_pair(hidden: int, layers: int, queries: int, seed: int = 0, llm: str = "opt"):
+    """``llm`` "opt": an OPT decoder of width ``hidden``; "smollm2-135m": a random-init Llama of SmolLM2-135M's
+    shape (hidden 576, 30 layers, 9 heads, 3 kv heads, intermediate 1536, vocab 49152; 135M parameters)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaConfig, OPTConfig
 
     from vlm.llms.hf import IMAGE_TOKEN, LanguageModel
     from vlm.llms.tiny import BOS_ID, EOS_ID, PAD_ID, build_tiny_tokenizer
@@ -65,6 +74,10 @@ def build_pair(hidden: int, layers: int, queries: int, seed: int = 0):
     text = OPTConfig(vocab_size=len(tok) + (-len(tok)) % 8, hidden_size=hidden, num_hidden_layers=layers,
                      ffn_dim=4 * hidden, num_attention_heads=heads, word_embed_proj_dim=hidden,
                      max_position_embeddings=512, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    if llm == "smollm2-135m":
+        text = LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                           num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=2048,
+                           tie_word_embeddings=True, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     cfg = Blip2Config(vision_config=dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                                          num_attention_heads=heads, image_size=32, patch_size=8),
                       qformer_config=dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -74,7 +87,7 @@ def build_pair(hidden: int, layers: int, queries: int, seed: int = 0):
     torch.manual_seed(seed)
     theirs = Blip2ForConditionalGeneration(cfg).eval()
     tower = HFVisionTower(copy.deepcopy(theirs.vision_model), 32)
-    proj = build_qformer(f"q{queries}-l{layers}-h{hidden}-a{heads}-x1-i{4 * hidden}", in_dim=hidden, out_dim=hidden)
+    proj = build_qformer(f"q{queries}-l{layers}-h{hidden}-a{heads}-x1-i{4 * hidden}", in_dim=hidden, out_dim=text.hidden_size)
     proj.load_hf_state_dict(theirs.state_dict())
     llm = LanguageModel(copy.deepcopy(theirs.language_model), tok, source="blip2-opt copy")
     ours = VisionLLM(VisionLLMConfig(trainable={"tower": "frozen", "projector": "full", "llm": "full"}),
@@ -91,16 +104,6 @@ def inputs(ours, batch: int, with_targets: bool, seed: int = 0):
     return pixels, enc
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 @torch.no_grad()
 def check_parity(theirs, ours) -> float:
     pixels, enc = inputs(ours, 2, True)
@@ -110,8 +113,9 @@ def check_parity(theirs, ours) -> float:
     return float((a - b).abs().max())
 
 
-def bench_generate(theirs, ours, batch: int, new_tokens: int, repeats: int,
-                   theirs_inference_mode: bool = False) -> tuple[float, float]:
+def bench_generate(theirs, ours, batch: int, new_tokens: int, rounds: int,
+                   theirs_inference_mode: bool = False) -> tuple[list[float], list[float]]:
+    """-> per-round seconds (ours, theirs), ABBA-interleaved after one warm-up each."""
     pixels, enc = inputs(ours, batch, False)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True)
     # transformers' generate runs under torch.no_grad (its own decorator); ours under torch.inference_mode
@@ -126,15 +130,11 @@ def bench_generate(theirs, ours, batch: int, new_tokens: int, repeats: int,
     def run_ours():
         ours.generate(pixels, prompts=["A short image caption in English:"] * batch, lang="en", **kw)
 
-    t_o, t_t = [], []
-    for _ in range(2):  # alternate so machine noise hits both
-        t_o.append(_median_time(run_ours, repeats))
-        t_t.append(_median_time(run_theirs, repeats))
-    n = batch * new_tokens
-    return n / min(t_o), n / min(t_t)
+    res = interleave({"ours": timed(run_ours), "theirs": timed(run_theirs)}, rounds, warmup=1)
+    return res["ours"], res["theirs"]
 
 
-def bench_train(theirs, ours, batch: int, repeats: int) -> tuple[float, float]:
+def bench_train(theirs, ours, batch: int, rounds: int) -> tuple[list[float], list[float]]:
     pixels, enc = inputs(ours, batch, True)
     theirs.train()
     ours.train()
@@ -157,11 +157,30 @@ def bench_train(theirs, ours, batch: int, repeats: int) -> tuple[float, float]:
         opt_o.step()
         opt_o.zero_grad(set_to_none=True)
 
-    t_o, t_t = [], []
-    for _ in range(2):
-        t_o.append(_median_time(step_ours, repeats))
-        t_t.append(_median_time(step_theirs, repeats))
-    return min(t_o), min(t_t)
+    res = interleave({"ours": timed(step_ours), "theirs": timed(step_theirs)}, rounds, warmup=1)
+    theirs.eval()
+    ours.eval()
+    return res["ours"], res["theirs"]
+
+
+def run_size(rep, args, llm: str, label: str, batches=(1, 8), train=True) -> None:
+    theirs, ours = build_pair(args.hidden, args.layers, args.queries, llm=llm)
+    n_llm = sum(p.numel() for p in theirs.language_model.parameters())
+    print(f"{label}: LLM {llm} ({n_llm / 1e6:.1f}M params); parity: max |logits ours - transformers| = "
+          f"{check_parity(theirs, ours):.2e}", flush=True)
+    tv = rep.env["versions"]["transformers"]
+    for b in batches:
+        n = b * args.new_tokens
+        for setting, im in (("equal", True), ("defaults", False)):
+            o, t = bench_generate(theirs, ours, b, args.new_tokens, args.rounds, theirs_inference_mode=im)
+            rep.add(ratio_row("vlm", f"generate {label}, batch {b}, {args.new_tokens} new tokens",
+                              [n / x for x in o], [n / x for x in t], unit="tok/s", higher_is_better=True,
+                              setting=setting, peer_name="transformers Blip2", peer_version=tv,
+                              note="both inference_mode" if im else "Blip2 under its own no_grad"))
+    if train:
+        o, t = bench_train(theirs, ours, args.batch, args.rounds)
+        rep.add(ratio_row("vlm", f"train step {label}, batch {args.batch}", o, t, unit="s", higher_is_better=False,
+                          peer_name="transformers Blip2", peer_version=tv, note="fwd+bwd+AdamW"))
 
 
 def main(argv=None) -> int:
@@ -171,24 +190,21 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=8, help="Q-Former query tokens (default 8)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8, help="training batch (default 8)")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ABBA) per row")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the machine is shared)")
+    ap.add_argument("--no-135m", action="store_true", help="skip the SmolLM2-135M-shaped LLM size")
+    add_protocol_args(ap)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.new_tokens = 3, 16
     torch.set_num_threads(args.threads)
-    theirs, ours = build_pair(args.hidden, args.layers, args.queries)
-    print(f"tiny BLIP-2: hidden {args.hidden}, {args.layers} layers, {args.queries} queries, OPT decoder; "
-          f"torch threads {args.threads}")
-    print(f"parity: max |logits ours - transformers| = {check_parity(theirs, ours):.2e}")
-    for b in (1, 8):
-        o, t = bench_generate(theirs, ours, b, args.new_tokens, args.repeats)
-        print(f"generate batch {b}, {args.new_tokens} new tokens (greedy, KV cache): ours {o:8.1f} tok/s  "
-              f"transformers Blip2 {t:8.1f} tok/s  ratio {o / t:.2f}x")
-    o, t = bench_generate(theirs, ours, 8, args.new_tokens, args.repeats, theirs_inference_mode=True)
-    print(f"  (where the gain comes from: Blip2.generate wrapped by hand in torch.inference_mode, batch 8: "
-          f"{t:8.1f} tok/s, ours/that {o / t:.2f}x)")
-    o, t = bench_train(theirs, ours, args.batch, args.repeats)
-    print(f"train step batch {args.batch} (fwd+bwd+AdamW): ours {o * 1000:8.1f} ms  transformers Blip2 "
-          f"{t * 1000:8.1f} ms  ratio {t / o:.2f}x")
+    rep = Report(__file__, "transformers")
+    print(f"tiny BLIP-2 parts: hidden {args.hidden}, {args.layers} layers, {args.queries} queries; torch threads "
+          f"{args.threads}", flush=True)
+    run_size(rep, args, "opt", f"width {args.hidden}")
+    if not args.no_135m:
+        run_size(rep, args, "smollm2-135m", "135M LLM", batches=(1,) if args.quick else (1, 8), train=not args.quick)
+    rep.finish(args.json)
     return 0
 
 
