@@ -248,8 +248,8 @@ def main(argv=None) -> int:
     add_protocol_args(p)
     args = p.parse_args(argv)
     if args.quick:
-        args.batches, args.worlds, args.rounds = [256, 1024, 4096, 8192], [1], 3
-        args.losses = args.losses or ["clip", "siglip_gather", "decoupled"]
+        args.batches, args.worlds, args.rounds = [1024, 4096, 8192], [1], 3
+        args.losses = args.losses or ["clip", "siglip_gather"]
     args.losses_given = args.losses is not None
     args.losses = args.losses or list(DEFAULT_LOSSES)
     _quiet()

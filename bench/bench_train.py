@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     add_protocol_args(p)
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.skip, args.rounds = 12, 4, 2
+        args.steps, args.skip, args.rounds = 10, 3, 2
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_train_"))
     out.mkdir(parents=True, exist_ok=True)
