@@ -1,4 +1,4 @@
-"""``vlm eval``: zeroshot | retrieval | caption | vqa | compare.
+"""``vlm eval``: zeroshot | retrieval | caption | vqa | compare | classify.
 
 Each task command writes a report (``eval.report.write_report``: JSON + Markdown + PNG) into ``--out``
 under ``--name`` (default: the task, plus the mode for zero-shot) and prints the Markdown table.
@@ -21,6 +21,8 @@ workers, no shuffle, every sample once, bad samples skipped and counted in the r
   ``{id, lang, prediction, answers}``), or ``--model DIR --shards SPEC``: a saved vision-LLM generates
   them first (``eval.caption`` / ``eval.vqa``, written by the vision-LLM engineer), then the same metrics.
 * ``compare``: one Markdown table over several report JSONs.
+* ``classify``: accuracy of a classifier student (``vlm train`` task ``distill``: a DHO student) on image shards
+  with class ids, one row per prediction rule (mixed heads, CE head, KD head; ``eval.classify``).
 
 ``--precision bf16`` runs the encoders under bf16 autocast (FINDINGS: much faster on CPUs with bf16);
 it is recorded in the report and in the text cache's model id.
@@ -51,6 +53,7 @@ EPILOG = """examples:
   vlm eval vqa --predictions answers.jsonl           (rows {id, lang, prediction, answers: [...]})
   vlm eval caption --model runs/vllm/final --shards 'demo/val/*.tar' --langs en,de,zh --limit 100
   vlm eval compare runs/a/eval/zeroshot-translated.json runs/b/eval/zeroshot-translated.json
+  vlm eval classify --model runs/distill_demo/final --images 'demo/val/*.tar' --alpha 0.5 --beta 0.5
 """
 
 
