@@ -64,8 +64,9 @@ def test_teacher_gets_no_gradient_and_does_not_change():
     assert all(p.grad is not None for p in tok.parameters() if p.requires_grad)
 
 
-def test_saved_and_loaded_gives_the_same_codes(tmp_path):
-    tok = _tok().train()
+@pytest.mark.parametrize("mode", ["dual", "single"])
+def test_saved_and_loaded_gives_the_same_codes(tmp_path, mode):
+    tok = _tok(mode=mode).train()
     tok(torch.randn(4, 3, 32, 32))  # codebook initialised from data
     tok.eval()
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)

@@ -115,7 +115,8 @@ class DualTokenizer(_TowerMixin, nn.Module):
             self.q_sem = ResidualVQ(code_dim, codebook_size, ds, **q)
             self.codebook_size = codebook_size
         else:
-            self.q_pix = self.q_sem = ResidualVQ(code_dim, 2 * codebook_size, dp + ds, **q)
+            self.q_pix = ResidualVQ(code_dim, 2 * codebook_size, dp + ds, **q)
+            object.__setattr__(self, "q_sem", self.q_pix)  # the same quantiser, registered once (one state key)
             self.codebook_size = 2 * codebook_size
         self.pixel_depth, self.semantic_depth = self.q_pix.depth, self.q_sem.depth
         self.depth = {"pixel": self.pixel_depth, "semantic": self.semantic_depth}
