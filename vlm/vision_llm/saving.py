@@ -45,7 +45,9 @@ def fingerprint(module: nn.Module, k: int = 8) -> dict[str, list[float]]:
         if any(t in name for t in ("lora_", "prompt_encoder", "modules_to_save")):
             continue
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, steps=min(k, flat.numel())).long()
+        # float32 linspace can round the last index up past the end for tensors above 2**24 values
+        # (SmolLM2's 28 M-value embedding); clamping changes nothing for smaller ones (saved fingerprints hold)
+        idx = torch.linspace(0, flat.numel() - 1, steps=min(k, flat.numel())).long().clamp_(max=flat.numel() - 1)
         out[name.replace(".base_layer", "").replace(".original_module", "")] = flat[idx].float().tolist()
     return out
 
