@@ -172,7 +172,17 @@ def run_stage(args) -> int:
     data = _data(assets)
     print(f"[1-2/3] LiT on locked EfficientNet-Lite0 + e5 (English-only, then multilingual heads; and random-init "
           f"towers) on {assets.tux}", flush=True)
-    lit = run_lit(assets, data, quick=args.quick, steps=args.steps, min_val=MIN_VAL)
+    lit_path = out / "lit-results.json"  # a rerun (e.g. after a killed vision-LLM stage) reuses stages 1-2
+    key = {"quick": bool(args.quick), "steps": args.steps, "assets": str(assets.root)}
+    old = json.loads(lit_path.read_text(encoding="utf-8")) if lit_path.is_file() and not args.fresh else {}
+    if old.get("key") == key:
+        lit = old["lit"]
+        print(f"  reusing the LiT results in {lit_path} (--fresh recomputes them)", flush=True)
+    else:
+        lit = run_lit(assets, data, quick=args.quick, steps=args.steps, min_val=MIN_VAL)
+        tmp = lit_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "lit": lit}, default=float), encoding="utf-8")
+        tmp.replace(lit_path)
     paths = {}
     for name, table in lit_tables(lit).items():
         paths[name] = write_report(table, str(report_dir), name, {"command": "vlm demo --real", "data": data["val"],

@@ -1,7 +1,7 @@
 """Stage 3 of ``vlm demo --real``: a real vision-LLM, EfficientNet-Lite0 -> MLP -> SmolLM2-135M with LoRA.
 
 ``train/configs/real_vlm.yaml`` through the same ``train.finetune.run`` as ``vlm train`` (frozen converted
-EfficientNet-Lite0 at 160 px, ``mlp2x_gelu`` projector with ``ln_vision``, SmolLM2-135M-Instruct loaded
+EfficientNet-Lite0 at 128 px, ``mlp2x_gelu`` projector with ``ln_vision``, SmolLM2-135M-Instruct loaded
 through ``hf:`` from the directory the set-up script converted from its GGUF file, LoRA on every attention
 and MLP projection), on the English captions of the Tux Paint training stamps. The baseline is the same
 model, steps and data with ``image_blind: true`` (grey images in training and at test time): it learns how
@@ -69,10 +69,10 @@ def run_vlm(assets, data, out: Path, *, quick: bool, steps: int | None, workers:
     s_img = _train(assets, data, out / "vlm_run", blind=False, **kw)
     log(f"[3/3 b] image-blind baseline (grey images, same steps) -> {out / 'vlm_blind_run'}")
     s_blind = _train(assets, data, out / "vlm_blind_run", blind=True, **kw)
-    limit = limit or (4 if quick else 60)
+    limit = limit or (4 if quick else 40)
     report_dir = out / "report"
     log(f"[3/3 c] captioning {limit} held-out stamps with each model -> {report_dir}")
-    gen = dict(langs=["en"], limit=limit, batch_size=min(limit, 16), max_new_tokens=8 if quick else 24,
+    gen = dict(langs=["en"], limit=limit, batch_size=min(limit, 16), max_new_tokens=8 if quick else 20,
                progress=False)
     res = {}
     with torch.inference_mode():
