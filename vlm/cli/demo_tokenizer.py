@@ -42,7 +42,7 @@ RUNS = ("backbone", "classifier", "tok_dual", "tok_single", "t2i", "t2i_uncond")
 
 
 def _common(run_dir: Path, args, quick: bool) -> list[str]:
-    ov = [f"train.run_dir={run_dir}", "train.resume=latest"]
+    ov = [f"train.run_dir={run_dir}", "train.resume=latest", f"train.threads={args.threads}"]
     if args.no_progress:
         ov.append("train.progress=false")
     if quick:
@@ -72,6 +72,8 @@ def run_stage(args) -> int:
     from vlm.data_recipes.demo import build_demo
 
     quick = bool(args.quick)
+    if quick and not args.threads:  # tiny batches: one thread (two oversubscribe a loaded machine, 10x slower)
+        args.threads = 1
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     steps = dict(QUICK if quick else STEPS)
@@ -86,7 +88,7 @@ def run_stage(args) -> int:
             shutil.rmtree(out / name, ignore_errors=True)
     report_dir = out / "report"
     t0, times = time.time(), {}
-    threads = torch.get_num_threads()
+    threads = args.threads or torch.get_num_threads()  # the evaluations' (the recipes set their own)
     print(f"[1/6] demo data -> {out / 'data'}", flush=True)
     demo = build_demo(out / "data", train=120 if quick else args.train_images, val=40 if quick else args.val_images,
                       reuse=True, train_shards=2 if quick else 6, val_shards=1 if quick else 2)
@@ -101,10 +103,10 @@ def run_stage(args) -> int:
           f"ResNet classifier ({steps['classifier']} steps)", flush=True)
     backbone = _train("vlm.train.pretrain", "pretrain_demo.yaml", data + bs + _common(out / "backbone", args, quick) + [
         "model.image_tower=tiny:vit", f"model.image_tower_cfg={VIT}", f"train.steps={steps['backbone']}",
-        f"data.num_workers={0 if quick else args.workers}", f"train.threads={args.threads}"])
+        f"data.num_workers={0 if quick else args.workers}"])
     classifier = _train("vlm.train.pretrain", "pretrain_demo.yaml", data + bs + _common(out / "classifier", args, quick) +
                         [f"train.steps={steps['classifier']}", "train.seed=1", "data.seed=1",
-                         f"data.num_workers={0 if quick else args.workers}", f"train.threads={args.threads}"])
+                         f"data.num_workers={0 if quick else args.workers}"])
     lap("dual encoders")
     toks = {}
     for mode in ("dual", "single"):
@@ -117,6 +119,7 @@ def run_stage(args) -> int:
     print(f"[4/6] tokenizer evaluation (PSNR, SSIM, zero-shot retention in {len(langs)} languages) -> {report_dir}",
           flush=True)
     tok_res = {}
+    torch.set_num_threads(threads)
     for mode, s in toks.items():
         rc = vlm_main(["eval", "tokenizer", "--model", s["final_dir"], "--images", demo.val_spec, "--dual-encoder",
                        backbone["final_dir"], "--labels", str(demo.labels), "--prompts", str(demo.prompts), "--out",
