@@ -119,7 +119,7 @@ def lit_tables(lit: dict) -> dict[str, dict]:
                                  "(chance); *_random: the same run with random-init towers"),
         "real-lit-multilingual": pack(multi, ["r1_english", "r1", "r1_gain", "r10_english", "r10", "r10_gain",
                                               "r1_random"], "r1",
-                                      "heads trained on captions in all languages (decoupled softmax, 3 per image); "
+                                      "heads trained on captions in all languages (decoupled softmax, English + 1 more per image); "
                                       "*_english: the English-only heads; r1_random: random-init towers, all languages"),
         "real-zeroshot": pack(zs, ["top1", "top1_random", "top1_multilingual", "top1_multilingual_random"], "top1",
                               "8 stamp categories, hand-translated names (data_recipes/tuxpaint_classes.yaml), label-"

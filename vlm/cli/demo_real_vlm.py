@@ -1,7 +1,7 @@
 """Stage 3 of ``vlm demo --real``: a real vision-LLM, EfficientNet-Lite0 -> MLP -> SmolLM2-135M with LoRA.
 
 ``train/configs/real_vlm.yaml`` through the same ``train.finetune.run`` as ``vlm train`` (frozen converted
-EfficientNet-Lite0 at 128 px, ``mlp2x_gelu`` projector with ``ln_vision``, SmolLM2-135M-Instruct loaded
+EfficientNet-Lite0 at 96 px, ``mlp2x_gelu`` projector with ``ln_vision``, SmolLM2-135M-Instruct loaded
 through ``hf:`` from the directory the set-up script converted from its GGUF file, LoRA on every attention
 and MLP projection), on the English captions of the Tux Paint training stamps. The baseline is the same
 model, steps and data with ``image_blind: true`` (grey images in training and at test time): it learns how
