@@ -15,7 +15,7 @@
 4. A Markdown report (``OUT/distill/report.md``, with ``report.json``) printed at the end.
 
 ``--steps`` sets the students' training steps (the teacher, if trained here, keeps the main demo's);
-``--quick`` runs everything at smoke-test size (well under a minute; numbers near chance by design).
+``--quick`` runs everything at smoke-test size on one thread (numbers near chance by design).
 Runs resume like the main demo (``--fresh`` starts them anew).
 """
 from __future__ import annotations
@@ -110,6 +110,8 @@ def run_stage(args) -> int:
     from vlm.train.cli import CONFIG_DIR
 
     t0 = time.time()
+    if args.quick and not args.threads:  # tiny matrices on a shared machine: 2 threads' spin-waits cost 10-50x
+        args = argparse.Namespace(**{**vars(args), "threads": 1})
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     demo, teacher_dir = _teacher(args, out)
