@@ -7,6 +7,15 @@ name matching :data:`_NO_DECAY_NAMES`). ``optim.part_lr`` maps a module-path pre
 longest matching prefix wins, everything else uses ``optim.lr``. A prefix that matches no trainable
 parameter is an error (a typo must not silently train at the base rate). Both recipes build their
 optimizer here, so the vision-LLM and the dual encoder share one per-part learning-rate vocabulary.
+
+Sparse gradients (an ``nn.Embedding(sparse=True)``, e.g. the n-gram tower's ``sparse: true``): torch's AdamW
+refuses them and ``SparseAdam`` has no weight decay and would need a second optimizer (a second state to
+checkpoint and schedule), so :class:`LazyAdamW` is AdamW whose ``step`` updates a sparse-gradient parameter
+row by row (hand-written, the rows a batch used: the same AdamW formula on those rows) and hands every dense
+gradient to AdamW's own (fused) kernel. Lazy semantics, as in ``SparseAdam``/TF LazyAdam: a row no batch
+touched keeps its moments and gets no decoupled weight decay that step, so it equals dense AdamW exactly
+only while every row is used every step (and equals SGD-style dense updates whenever the moments do not
+matter). Its state has AdamW's keys, so checkpoints and exact resume are unchanged.
 """
 from __future__ import annotations
 
@@ -77,17 +86,75 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, part_lr: dict
     return list(groups.values())
 
 
+class LazyAdamW(torch.optim.AdamW):
+    """AdamW that also takes sparse gradients: those parameters get the AdamW update on the rows their
+    gradient names (``grad`` a sparse COO tensor of [rows, ...]), everything else goes through AdamW's own
+    step. See the module docstring for the lazy semantics."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        held = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    self._sparse_step(p, p.grad.coalesce(), group)
+                    held.append((p, p.grad))
+                    p.grad = None  # AdamW's step skips it
+        try:
+            super().step()
+        finally:
+            for p, g in held:
+                p.grad = g
+        return loss
+
+    def _sparse_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        if group.get("amsgrad") or group.get("maximize"):
+            raise UserError("sparse gradients (an nn.Embedding(sparse=True)) support plain AdamW only "
+                            "(no amsgrad/maximize)")
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = float(state["step"])
+        lr = float(group["lr"])
+        b1, b2 = group["betas"]
+        rows, vals = grad.indices()[0], grad.values()
+        m = state["exp_avg"][rows].mul_(b1).add_(vals, alpha=1 - b1)
+        v = state["exp_avg_sq"][rows].mul_(b2).addcmul_(vals, vals, value=1 - b2)
+        state["exp_avg"][rows], state["exp_avg_sq"][rows] = m, v
+        w = p[rows]
+        if group["weight_decay"]:
+            w.mul_(1 - lr * group["weight_decay"])
+        denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(group["eps"])
+        w.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+        p[rows] = w
+
+
+def sparse_grad_params(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters whose gradient is sparse: the weights of ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``."""
+    return [m.weight for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+            and m.weight.requires_grad]
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`. The fused kernel (one pass over all parameters, CPU and CUDA)
-    is used when every parameter is a plain float tensor; FSDP2's DTensors use the foreach path."""
+    """AdamW over :func:`param_groups` (:class:`LazyAdamW` when some parameter has sparse gradients). The
+    fused kernel (one pass over all parameters, CPU and CUDA) is used when every parameter is a plain float
+    tensor; FSDP2's DTensors use the foreach path."""
     groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.part_lr)
     for g in groups:
         g.pop("names")  # AdamW keeps unknown keys; names would only bloat the optimizer state
     params = [p for g in groups for p in g["params"]]
     fused = all(type(p) is nn.Parameter and not hasattr(p, "full_tensor") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                 and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, fused=fused or None)
+    cls = LazyAdamW if sparse_grad_params(model) else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+               weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def lr_multiplier(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -120,12 +187,15 @@ def clip_grads(model: nn.Module, max_norm: float) -> float:
     Returns the norm before clipping (inf/nan when some gradient is not finite)."""
     from torch.nn.utils import get_total_norm
 
+    for p in model.parameters():
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()  # repeated rows summed: the norm and the update see the true gradient
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
     sharded = [g for g in grads if hasattr(g, "full_tensor")]
-    plain = [g for g in grads if not hasattr(g, "full_tensor")]
-    norms = []
+    plain = [g for g in grads if not hasattr(g, "full_tensor") and not g.is_sparse]
+    norms = [torch.linalg.vector_norm(g.values().float()) for g in grads if g.is_sparse]
     if sharded:
         n = get_total_norm(sharded, 2.0)
         norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)

@@ -12,6 +12,12 @@ word boundaries as in fastText).
 
 Tower: ``forward(input_ids, attention_mask) -> (tokens [B, L, W], {})`` (the n-gram embeddings, so token-level
 consumers still work) and ``pool -> [B, W]``: masked mean -> LayerNorm -> 2-layer MLP with a residual.
+
+``sparse: true`` (tower option, e.g. ``model.text_tower_cfg={"sparse": true}``) makes the 2**17 x W table's
+gradient a sparse tensor of the rows a batch used (``nn.Embedding(sparse=True)``) instead of a dense 64 MiB
+one to zero, clip and step; :func:`vlm.train.optim.build_optimizer` then updates those rows only (lazy
+AdamW, see :class:`vlm.train.optim.LazyAdamW`). DDP reduces sparse gradients on gloo (CPU), not on NCCL;
+FSDP2 cannot shard it (the recipe refuses that pairing).
 """
 from __future__ import annotations
 
@@ -71,10 +77,10 @@ class NgramText(TextTower):
     """``input_ids [B, L]`` n-gram hash ids -> tokens ``[B, L, W]`` -> pooled ``[B, W]``."""
 
     def __init__(self, width: int = 128, buckets: int = 1 << 17, min_n: int = 1, max_n: int = 4,
-                 context_length: int = 256, dropout: float = 0.0):
+                 context_length: int = 256, dropout: float = 0.0, sparse: bool = False):
         super().__init__()
         self.tokenizer = NgramHashTokenizer(buckets, min_n, max_n, context_length)
-        self.token_embed = nn.Embedding(buckets, width, padding_idx=0)
+        self.token_embed = nn.Embedding(buckets, width, padding_idx=0, sparse=bool(sparse))
         self.norm = nn.LayerNorm(width)
         self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
         self.drop = nn.Dropout(dropout)
@@ -119,7 +125,7 @@ def _ngram_options(name: str | None) -> list[str]:
 @register_family("tower", "ngram", help="hashed character n-gram bag text towers (fastText-style, every script)",
                  examples=("ngram:text",), options=_ngram_options)
 def build_ngram(name: str, side: str | None = None, pretrained: str | None = None, **cfg):
-    """``ngram:text``; ``cfg`` overrides width, buckets, min_n, max_n, context_length, dropout;
+    """``ngram:text``; ``cfg`` overrides width, buckets, min_n, max_n, context_length, dropout, sparse;
     ``pretrained`` is a ``.safetensors`` of this tower."""
     if name not in VARIANTS:
         raise SpecError(f"unknown n-gram tower 'ngram:{name}'; n-gram towers: " + ", ".join(f"ngram:{v}" for v in VARIANTS))
