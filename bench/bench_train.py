@@ -164,6 +164,33 @@ def run_ours(args, shards: str, run_dir: Path, model_cfg: dict | None, setting: 
     return times, wall
 
 
+ABLATIONS = {  # row -> (overrides with the option on, overrides with it off), on the demo recipe's own towers
+    "sparse": (["model.text_tower_cfg={width: 128, sparse: true}"], ["model.text_tower_cfg={width: 128, sparse: false}"]),
+    "channels_last": (["train.channels_last=true"], ["train.channels_last=false"]),
+}
+
+
+def run_ablation(args, shards: str, run_dir: Path, extra: list[str]) -> list[float]:
+    """Our trainer on ``pretrain_demo.yaml`` (timm resnet10t + ngram:text, 2**17 x 128 table) with ``extra``: the
+    rows that measure one switch of ours against itself (peer = the same run with the switch off)."""
+    cfg = ROOT / "train" / "configs" / "pretrain_demo.yaml"
+    over = [f"data.shards={shards}", f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
+            f"train.threads={args.threads}", "val_data=null", f"train.steps={args.steps + args.skip}",
+            "train.precision=fp32", "train.dist=none", "train.device=cpu", f"train.run_dir={run_dir}",
+            "train.log_every=1", "train.ckpt_every=0", "train.progress=false", "train.resume=null",
+            "train.tensorboard=false", "optim.warmup_steps=2",
+            "model.image_tower_cfg={pretrained_cfg_overlay: {input_size: [3, %d, %d], crop_pct: 1.0}}"
+            % (args.image_size, args.image_size), *extra]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(args.threads))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    r = subprocess.run([sys.executable, "-m", "vlm", "train", str(cfg), *over], capture_output=True, text=True,
+                       env=env, cwd=str(ROOT))
+    if r.returncode != 0:
+        raise SystemExit(f"vlm train failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-4000:]}")
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [args.batch_size / r["samples_per_s"] for r in recs if "samples_per_s" in r]
+
+
 def torch_default_threads() -> int:
     """What torch picks in a fresh process without OMP_NUM_THREADS (its default intra-op threads)."""
     env = dict(os.environ)
@@ -195,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ABBA) per row")
     p.add_argument("--settings", default="equal,defaults")
+    p.add_argument("--ablations", default="sparse,channels_last",
+                   help=f"rows of ours with one switch on vs off ({', '.join(ABLATIONS)}; '' = none)")
     p.add_argument("--out", default=None, help="work directory (default: a temp dir)")
     add_protocol_args(p)
     args = p.parse_args(argv)
@@ -213,7 +242,7 @@ def main(argv=None) -> int:
           f"{args.precision}; equal: threads {args.threads}, workers {args.workers} both, fused AdamW both, no random "
           f"crop; defaults: each program as shipped (open_clip: 4 workers, {torch_default_threads()} threads, its "
           "AdamW and RandomResizedCrop; ours: the recipe's workers and its thread rule)", flush=True)
-    for setting in args.settings.split(","):
+    for setting in [x for x in args.settings.split(",") if x]:
         res = interleave({
             "ours": lambda: _rate(args, run_ours(args, shards, out / "ours", model_cfg, setting)[0]),
             "oc": lambda: _rate(args, run_open_clip(args, shards, n_samples, out / "oc_logs", cfg_path, setting)[0]),
@@ -222,6 +251,15 @@ def main(argv=None) -> int:
                           unit="samples/s", higher_is_better=True, setting=setting, peer_name="open_clip_train",
                           peer_version=ocv, note="median step" if setting == "equal" else
                           "each side's workers/threads/optimizer/augmentation"))
+    for name in [a for a in args.ablations.split(",") if a]:
+        on, off = ABLATIONS[name]
+        res = interleave({
+            "on": lambda: _rate(args, run_ablation(args, shards, out / "abl", on)),
+            "off": lambda: _rate(args, run_ablation(args, shards, out / "abl", off)),
+        }, args.rounds)
+        rep.add(ratio_row("train", f"{name} on vs off, batch {args.batch_size}, resnet10t + ngram:text",
+                          res["on"], res["off"], unit="samples/s", higher_is_better=True, setting="ours vs ours",
+                          peer_name=f"ours, {name} off", note="median step, pretrain_demo towers"))
     rep.finish(args.json)
     return 0
 

@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 
+from vlm.compute import text_batch_for
 from vlm.errors import DataError, UserError
 
 EPILOG = """examples:
@@ -66,11 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if model:
             p.add_argument("--model", required=True, help="model directory (DualEncoder.save_pretrained output)")
             p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-            p.add_argument("--text-batch-size", type=int, default=256, help="texts per batch (default 256)")
+            p.add_argument("--text-batch-size", type=int, default=None,
+                           help="texts per batch (default: sized to the text tower, vlm.compute.text_batch_for)")
             p.add_argument("--workers", type=int, default=2, help="image loader workers (default 2)")
             p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-            p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                           help="fp32, or bf16 autocast (faster on CPUs with bf16; numbers shift slightly)")
+            p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                           help="bf16 autocast (numbers shift slightly) or fp32; auto (default): bf16 only where "
+                                "the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
             add_trust_flag(p)
         p.add_argument("--out", default="eval_out", help="report directory (default ./eval_out)")
         p.add_argument("--name", default=None, help="report file name without extension")
@@ -178,6 +181,10 @@ def check_args(args) -> None:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if getattr(args, "device", None) is not None:
         check_device(args.device)
+        if getattr(args, "precision", None) == "auto":
+            from vlm.compute import resolve_precision
+
+            args.precision = resolve_precision("auto", args.device)
     if getattr(args, "langs", None) is not None and args.eval_task != "zeroshot":  # zero-shot: the labels file's codes
         from vlm.data.langs import normalize_lang
 
@@ -288,6 +295,7 @@ def run_zeroshot(args) -> int:
         ppath = args.prompts or _default_prompts(labels.path)
         prompts = load_prompts(ppath)
     model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
+    args.text_batch_size = args.text_batch_size or text_batch_for(model)
     bf16 = args.precision == "bf16"
     model_id = model_fingerprint(args.model) + ("|bf16" if bf16 else "")
     progress = not args.no_progress
@@ -345,6 +353,7 @@ def run_retrieval(args) -> int:
     if args.format or not args.shards:
         return run_retrieval_benchmark(args)
     model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
+    args.text_batch_size = args.text_batch_size or text_batch_for(model)
     stream = _shard_batches(args.shards, model, args)
     bf16 = args.precision == "bf16"
     captions: dict = {}  # filled by the same pass that embeds the images
@@ -387,6 +396,7 @@ def run_retrieval_benchmark(args) -> int:
 
     items = read_benchmark(args.format, args.annotations, args.image_dir, image_list=args.image_list)
     model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
+    args.text_batch_size = args.text_batch_size or text_batch_for(model)
     bf16 = args.precision == "bf16"
     stats = SkipStats(where=f"eval/{args.format}")
     batches = image_batches(items, model.image_preprocess, args.batch_size, args.workers, stats)

@@ -110,12 +110,9 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 matmuls natively. CPUs without AVX512-BF16/AMX (e.g. AVX2-only
     AMD EPYC Milan) emulate bf16 in oneDNN: measured 10-15x *slower* than fp32 for a 4-layer width-128
     transformer, so ``precision=auto`` picks fp32 there."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    from vlm.compute import native_bf16 as _native  # one gate for training and eval (AVX512-BF16/AMX flags)
+
+    return _native(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
