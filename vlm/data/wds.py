@@ -74,6 +74,7 @@ from vlm.data.decode import (REASONS, SampleSkipped, SkipStats, decode_settings,
 from vlm.data.langs import normalize_lang
 from vlm.data.prompts import LangPicker, stable_seed
 from vlm.data.tasks import TASKS, TaskStage
+from vlm.data.workers import SharedPositions, _mix, _slice
 from vlm.errors import DataError, UserError
 
 __all__ = ["SourceConfig", "DataConfig", "DataStream", "SkipStats", "REASONS", "make_loader",
@@ -131,6 +132,7 @@ class DataConfig:
     prefetch_factor: int = 2
     pin_memory: bool = False
     mp_context: Optional[str] = None
+    persistent_workers: bool = True  # keep the workers across epochs (vlm.data.workers: exact resume kept)
 
 
 # ------------------------------------------------------------------------------------- worker side
@@ -145,25 +147,6 @@ class _WorkerPos:
 
 def _const(x):
     return x
-
-
-def _slice(src, start: int, step: int):
-    """webdataset's split_by_node / split_by_worker with explicit (rank, world) / (worker, workers)."""
-    for i, item in enumerate(src):
-        if i % step == start:
-            yield item
-
-
-def _mix(sources: list, weights: list[float], rng: random.Random):
-    """Weighted random interleave of several iterables, from its own RNG (deterministic)."""
-    iters = [iter(s) for s in sources]
-    live = [i for i, w in enumerate(weights) if w > 0]
-    while live:
-        i = rng.choices(live, weights=[weights[j] for j in live])[0]
-        try:
-            yield next(iters[i])
-        except StopIteration:
-            live.remove(i)
 
 
 class _Plan:
@@ -292,11 +275,15 @@ def _one_thread(gen: Iterator[dict]) -> Iterator[dict]:
 class _RankDataset(IterableDataset):
     """What the DataLoader iterates: physical worker p plays logical worker (p + rotation) % workers."""
 
-    def __init__(self, plan: _Plan, epoch: int, positions: list[_WorkerPos], rotation: int):
+    def __init__(self, plan: _Plan, epoch: int, positions: list[_WorkerPos], rotation: int,
+                 shared: Optional[SharedPositions] = None):
         super().__init__()
-        self.plan, self.epoch, self.positions, self.rotation = plan, epoch, positions, rotation
+        self.plan, self.epoch, self.positions, self.rotation, self.shared = plan, epoch, positions, rotation, shared
 
     def __iter__(self):
+        if self.shared is not None:  # persistent workers: this pass's epoch and positions (vlm.data.workers)
+            self.epoch, pos, self.rotation = self.shared.read()
+            self.positions = [_WorkerPos(*p) for p in pos]
         info = get_worker_info()
         if info is None:  # num_workers=0: this process (DataLoader workers already use one thread)
             return _one_thread(self.plan.run(self.epoch, 0, 1, self.positions[0]))
@@ -325,6 +312,7 @@ class DataStream:
         self._skipped: dict[int, dict] = {}
         self._next = 0
         self._pending: Optional[tuple[int, list[_WorkerPos], int]] = None
+        self._loader = self._shared = None  # the kept DataLoader when data.persistent_workers
         if isinstance(start_sample, dict):
             self.load_state_dict(start_sample)
         elif start_sample:
@@ -401,14 +389,23 @@ class DataStream:
         self._skipped = {}
         self._pos = [_WorkerPos(p.samples, p.batches, p.finished) for p in positions]
         self._next = rotation
-        dataset = _RankDataset(self._plan, self.epoch, positions, rotation)
         cfg = self.cfg
-        kw = {}
-        if cfg.num_workers:
-            kw = dict(prefetch_factor=cfg.prefetch_factor, multiprocessing_context=cfg.mp_context)
-        # collate_fn=_const: batches pass as the collate made them (default_convert would turn tuples into lists)
-        loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
-                            collate_fn=_const, **kw)
+        persist = bool(cfg.num_workers and cfg.persistent_workers)
+        loader = self._loader if persist else None
+        if loader is None:
+            shared = SharedPositions(self.num_workers) if persist else None
+            dataset = _RankDataset(self._plan, self.epoch, positions, rotation, shared)
+            kw = {}
+            if cfg.num_workers:
+                kw = dict(prefetch_factor=cfg.prefetch_factor, multiprocessing_context=cfg.mp_context,
+                          persistent_workers=persist)
+            # collate_fn=_const: batches pass as the collate made them (default_convert would turn tuples into lists)
+            loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                                collate_fn=_const, **kw)
+            if persist:
+                self._loader, self._shared = loader, shared
+        if persist:  # the kept workers read this pass's epoch and positions when it starts
+            self._shared.write(self.epoch, positions, rotation)
         for item in loader:
             lw = item.pop("_lw")
             pos = self._pos[lw]
