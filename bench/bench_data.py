@@ -173,6 +173,23 @@ def run_vlm(spec, n, batch_size, workers, size, tokenizer) -> float:
     return got / dt
 
 
+def run_epochs(spec, n, batch_size, workers, size, tokenizer, persistent: bool, epochs: int = 3) -> float:
+    """samples/s over ``epochs`` passes of one stream (set_epoch between them), with the DataLoader workers kept
+    (``data.persistent_workers``) or started anew each epoch: the epoch-boundary cost of each."""
+    from vlm.data.wds import DataConfig, make_loader
+    from vlm.towers.base import ImagePreprocess
+
+    cfg = DataConfig(shards=spec, batch_size=batch_size, num_workers=workers, shuffle_buffer=5000,
+                     shuffle_initial=1000, seed=0, persistent_workers=persistent)
+    stream = make_loader(cfg, ImagePreprocess(image_size=size), tokenizer, rank=0, world_size=1)
+    t0, got = time.perf_counter(), 0
+    for e in range(epochs):
+        stream.set_epoch(e)
+        got += _epoch(stream, lambda b: len(b["key"]))[0]
+    assert got == epochs * n, got
+    return got / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shards", type=int, default=8)
@@ -218,6 +235,13 @@ def main(argv=None) -> int:
                 rep.add(ratio_row("data", f"stream workers={w}", res["vlm"], res["oc"], unit="samples/s",
                                   higher_is_better=True, setting="defaults", peer_name="open_clip_train",
                                   peer_version=ocv, note="its train transform, float32 out"))
+        w = max(args.workers)
+        if w:
+            res = interleave({on: lambda on=on: run_epochs(spec, n, args.batch_size, w, args.size, vtok, on == "kept")
+                              for on in ("kept", "fresh")}, args.rounds)
+            rep.add(ratio_row("data", f"3 epochs, workers={w}: persistent workers on vs off", res["kept"], res["fresh"],
+                              unit="samples/s", higher_is_better=True, setting="ours vs ours",
+                              peer_name="ours, new workers each epoch", note="data.persistent_workers"))
         blobs = jpeg_blobs(spec)
         for dec in ("decode_jpeg", "PIL"):
             res = interleave({"vlm": lambda: run_vlm(spec, n, args.batch_size, 0, args.size, vtok),

@@ -179,9 +179,9 @@ def main(argv=None) -> int:
     classes = torch.arange(1000).repeat_interleave(args.per_class)
     pixels = torch.randint(0, 256, (len(classes), 3, S, S), dtype=torch.uint8, generator=g)
     n_texts = sum(labels.num_classes(lang) * len(templates_for(lang, args.mode, prompts)[0]) for lang in langs)
-    import inspect
-    default_tb = inspect.signature(evaluate_zeroshot).parameters["text_batch_size"].default
-    tb = args.text_batch or default_tb
+    from vlm.compute import text_batch_for
+
+    tb = args.text_batch or text_batch_for(model)  # what `vlm eval zeroshot` picks without --text-batch-size
     rep = Report(__file__)
     print(f"{len(langs)} languages ({','.join(x.upper() for x in langs)}), {n_texts} prompt texts ({args.mode}), "
           f"{len(classes)} images at {S} px, threads {torch.get_num_threads()}; reference batch {args.ref_batch}, "

@@ -20,6 +20,10 @@ def test_auto_rule_conv_towers_on_cpu_only():
     assert use_channels_last(conv, None, CPU) and not use_channels_last(conv, None, CUDA)
     assert not use_channels_last(vit, None, CPU)  # one Conv2d: the patch embedding
     assert use_channels_last(vit, True, CPU) and not use_channels_last(conv, False, CPU)
+    from vlm.compute import channels_last_for_inference
+
+    assert channels_last_for_inference(conv, "cpu") and not channels_last_for_inference(vit, "cpu")
+    assert conv.eval().image_tower.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))[0].shape[0] == 1
 
 
 def test_channels_last_outputs_equal_nchw():

@@ -90,7 +90,27 @@ def test_frozen_sparse_table_is_not_a_sparse_param():
     assert type(build_optimizer(sparse, OptimConfig())) is torch.optim.AdamW
 
 
-def test_sparse_ngram_pretraining_resumes_exactly(tmp_path):
+def test_place_sparse_turns_auto_tables_sparse_only_where_supported():
+    from vlm.distributed import DistEnv
+    from vlm.errors import UserError
+    from vlm.train.perf import place_sparse
+
+    auto, explicit = NgramText(width=8, buckets=16), NgramText(width=8, buckets=16, sparse=True)
+    assert not auto.token_embed.sparse  # built dense: a loop of one's own with torch AdamW works
+    place_sparse(auto, DistEnv())
+    assert auto.token_embed.sparse
+    for env, compile in ((DistEnv(mode="fsdp2", world_size=2), False),
+                         (DistEnv(mode="ddp", world_size=2, device=torch.device("cuda", 0)), False),
+                         (DistEnv(), True)):
+        place_sparse(auto, env, compile)
+        assert not auto.token_embed.sparse
+        with pytest.raises(UserError, match="sparse: null"):
+            place_sparse(explicit, env, compile)
+    place_sparse(explicit, DistEnv(mode="ddp", world_size=2, backend="gloo"))  # gloo reduces sparse grads
+    assert explicit.token_embed.sparse
+
+
+def test_sparse_ngram_pretraining_resumes_exactly(tmp_path, monkeypatch):
     from vlm.checkpoint import load_weights
     from vlm.config import load_config
     from vlm.data_recipes.demo import build_demo
@@ -100,7 +120,7 @@ def test_sparse_ngram_pretraining_resumes_exactly(tmp_path):
 
     def cfg(run_dir, **kw):
         base = {"train.debug": "false", "model.image_tower": "tiny:vit", "model.image_tower_cfg": "{}",
-                "model.text_tower": "ngram:text", "model.text_tower_cfg": "{width: 32, buckets: 4096, sparse: true}",
+                "model.text_tower": "ngram:text", "model.text_tower_cfg": "{width: 32, buckets: 4096}",
                 "model.embed_dim": "null", "data.shards": demo.train_spec, "data.batch_size": 8,
                 "data.num_workers": 0, "data.shuffle_buffer": 16, "data.shuffle_initial": 8, "val_data": "null",
                 "train.steps": 4, "train.precision": "fp32", "train.threads": 1, "train.log_every": 1,
@@ -110,7 +130,13 @@ def test_sparse_ngram_pretraining_resumes_exactly(tmp_path):
         return load_config(pretrain.PretrainConfig, pretrain.__file__.replace("pretrain.py", "configs/pretrain_demo.yaml"),
                            [f"{k}={v}" for k, v in base.items()])
 
+    import vlm.train.common as common
+
+    built = []
+    orig = common.build_optimizer
+    monkeypatch.setattr(common, "build_optimizer", lambda *a: built.append(orig(*a)) or built[-1])
     straight = pretrain.run(cfg(tmp_path / "a"))
+    assert type(built[0]) is LazyAdamW  # sparse: null -> sparse in a one-process CPU run
     assert straight["step"] == 4
     pretrain.run(cfg(tmp_path / "b", **{"train.stop_after": 2}))
     pretrain.run(cfg(tmp_path / "b", **{"train.resume": "latest"}))

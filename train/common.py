@@ -42,7 +42,7 @@ from vlm.distributed import (DistEnv, all_gather_object, barrier, broadcast_obje
                              init_distributed, sync_replicated_grads, wrap_model)
 from vlm.errors import UserError
 from vlm.train.optim import NonFiniteGuard, build_optimizer, build_scheduler, guarded_update
-from vlm.train.perf import check_sparse, use_channels_last
+from vlm.train.perf import place_sparse, use_channels_last
 from vlm.train.runlog import RunLogger, save_run_info
 
 
@@ -333,7 +333,7 @@ def setup_run(cfg, env: DistEnv, build_model: Callable[[], nn.Module]) -> Run:
         if not hasattr(model, "set_grad_checkpointing"):
             raise UserError(f"train.grad_checkpointing: {type(model).__name__} has no gradient checkpointing")
         model.set_grad_checkpointing(True)
-    check_sparse(model, env)
+    place_sparse(model, env, cfg.train.compile)
     if use_channels_last(model, getattr(cfg.train, "channels_last", None), env.device):
         model.to(memory_format=torch.channels_last)
     seed_everything(cfg.train.seed, env.rank)
