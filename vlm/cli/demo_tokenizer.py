@@ -4,8 +4,8 @@
 
 1. **Data**: the embedded demo shards (``data_recipes.demo.build_demo``, 16 languages) in ``OUT/data``.
 2. **Two dual encoders, trained separately**: the tokenizer's backbone and teacher, a ``tiny:vit`` ViT image
-   tower (32 px, 8x8 patches of 4 px) + the n-gram text tower (``train/configs/pretrain_demo.yaml`` with the
-   image tower swapped), in ``OUT/backbone``; and the *independent classifier* of step 5, the demo's own
+   tower (32 px, a 4x4 grid of 8 px patches: 16 image positions) + the n-gram text tower
+   (``train/configs/pretrain_demo.yaml`` with the image tower swapped), in ``OUT/backbone``; and the *independent classifier* of step 5, the demo's own
    ResNet-10t dual encoder with another seed, in ``OUT/classifier``.
 3. **Tokenizers**: ``train/configs/tokenizer_demo.yaml`` on the backbone (``dualtoken:vlm:OUT/backbone/final``)
    twice, with the same steps: ``mode: dual`` (two codebooks of 256, depth 2 each) and ``mode: single`` (one
@@ -35,8 +35,8 @@ from pathlib import Path
 
 from vlm.errors import UserError
 
-VIT = "{width: 64, depth: 4, image_size: 32, patch_size: 4}"  # the tokenizer_demo backbone's shape
-STEPS = {"backbone": 400, "classifier": 300, "tokenizer": 300, "t2i": 400}
+VIT = "{width: 64, depth: 4, image_size: 32, patch_size: 8}"  # 4x4 grid: 16 image positions
+STEPS = {"backbone": 800, "classifier": 300, "tokenizer": 300, "t2i": 400}
 QUICK = {"backbone": 2, "classifier": 2, "tokenizer": 2, "t2i": 2}
 RUNS = ("backbone", "classifier", "tok_dual", "tok_single", "t2i", "t2i_uncond")
 
