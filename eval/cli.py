@@ -41,7 +41,7 @@ import argparse
 import json
 import os
 
-from vlm.compute import channels_last_for_inference, text_batch_for
+from vlm.compute import text_batch_for
 from vlm.errors import DataError, UserError
 
 EPILOG = """examples:
@@ -296,7 +296,6 @@ def run_zeroshot(args) -> int:
         prompts = load_prompts(ppath)
     model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
     args.text_batch_size = args.text_batch_size or text_batch_for(model)
-    channels_last_for_inference(model, args.device)
     bf16 = args.precision == "bf16"
     model_id = model_fingerprint(args.model) + ("|bf16" if bf16 else "")
     progress = not args.no_progress
@@ -355,7 +354,6 @@ def run_retrieval(args) -> int:
         return run_retrieval_benchmark(args)
     model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
     args.text_batch_size = args.text_batch_size or text_batch_for(model)
-    channels_last_for_inference(model, args.device)
     stream = _shard_batches(args.shards, model, args)
     bf16 = args.precision == "bf16"
     captions: dict = {}  # filled by the same pass that embeds the images
@@ -399,7 +397,6 @@ def run_retrieval_benchmark(args) -> int:
     items = read_benchmark(args.format, args.annotations, args.image_dir, image_list=args.image_list)
     model = load_model(args.model, args.device, trust_remote_code=args.trust_remote_code)
     args.text_batch_size = args.text_batch_size or text_batch_for(model)
-    channels_last_for_inference(model, args.device)
     bf16 = args.precision == "bf16"
     stats = SkipStats(where=f"eval/{args.format}")
     batches = image_batches(items, model.image_preprocess, args.batch_size, args.workers, stats)

@@ -145,3 +145,62 @@ def test_sparse_ngram_pretraining_resumes_exactly(tmp_path, monkeypatch):
     assert any("token_embed" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, tower):
+        super().__init__()
+        self.t = tower
+
+    def forward(self, ids):
+        tokens, _ = self.t(ids, (ids > 0).long())
+        return (self.t.pool(tokens, (ids > 0).long()) ** 2).sum()
+
+
+_IDS = torch.tensor([[1, 2, 3, 0], [4, 2, 9, 9], [5, 6, 0, 0], [1, 7, 8, 3]])
+
+
+def _ddp_rank(rank, port, out):
+    import os
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    m = _Wrapped(NgramText(width=8, buckets=16, sparse=True))
+    d, opt = DDP(m), build_optimizer(m, OptimConfig(lr=1e-2))
+    for _ in range(3):
+        d(_IDS[rank * 2:(rank + 1) * 2]).backward()
+        clip_grads(m, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, out)
+    dist.destroy_process_group()
+
+
+def test_sparse_table_under_gloo_ddp_equals_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank0.safetensors")
+    mp.spawn(_ddp_rank, args=(port, out), nprocs=2)
+    torch.manual_seed(0)
+    m = _Wrapped(NgramText(width=8, buckets=16, sparse=True))
+    opt = build_optimizer(m, OptimConfig(lr=1e-2))
+    for _ in range(3):
+        ((m(_IDS[:2]) + m(_IDS[2:])) / 2).backward()  # DDP averages the two ranks' gradients
+        clip_grads(m, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    got = load_file(out)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)

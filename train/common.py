@@ -42,7 +42,7 @@ from vlm.distributed import (DistEnv, all_gather_object, barrier, broadcast_obje
                              init_distributed, sync_replicated_grads, wrap_model)
 from vlm.errors import UserError
 from vlm.train.optim import NonFiniteGuard, build_optimizer, build_scheduler, guarded_update
-from vlm.train.perf import place_sparse, use_channels_last
+from vlm.train.perf import apply_channels_last, place_sparse
 from vlm.train.runlog import RunLogger, save_run_info
 
 
@@ -67,7 +67,7 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on a terminal, one line per log_every otherwise
     tensorboard: bool = True
     stop_after: int = 0  # stop (as if killed, after checkpointing) at this step; 0 = never. For tests/debugging
-    channels_last: Optional[bool] = None  # NHWC weights/activations; null = on for conv image towers on CPU
+    channels_last: bool = False  # NHWC conv weights/activations (vlm.train.perf: measured slower here, so off)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -334,8 +334,7 @@ def setup_run(cfg, env: DistEnv, build_model: Callable[[], nn.Module]) -> Run:
             raise UserError(f"train.grad_checkpointing: {type(model).__name__} has no gradient checkpointing")
         model.set_grad_checkpointing(True)
     place_sparse(model, env, cfg.train.compile)
-    if use_channels_last(model, getattr(cfg.train, "channels_last", None), env.device):
-        model.to(memory_format=torch.channels_last)
+    apply_channels_last(model, cfg.train.channels_last)
     seed_everything(cfg.train.seed, env.rank)
     train_model = wrap_model(model, env, compile=cfg.train.compile)
     optimizer = build_optimizer(model, cfg.optim)

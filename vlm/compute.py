@@ -1,5 +1,4 @@
-"""What the hardware and the model call for, decided in one place: native bf16 math, NHWC convolutions and
-text batch sizes.
+"""What the hardware and the model call for, decided in one place: native bf16 math and text batch sizes.
 
 * :func:`native_bf16`: bf16 autocast pays only where the device computes bf16 natively: CUDA with bf16 support,
   or a CPU with AVX512-BF16 or AMX-BF16 (``/proc/cpuinfo`` flags ``avx512_bf16``/``amx_bf16``, else torch's
@@ -7,8 +6,6 @@ text batch sizes.
   reports as "bf16 supported" and emulates) run bf16 autocast 10-15x *slower* than fp32 (FINDINGS), so
   ``precision=auto`` picks fp32 there. Hand-written because torch's ``_is_mkldnn_bf16_supported`` answers
   "can emulate", not "has the instructions".
-* :func:`use_channels_last`: ``channels_last`` memory format for convolutional image towers on CPU
-  (``train.channels_last`` null; ``vlm eval`` always), measured faster by bench_train's channels_last row.
 * :func:`text_batch_for`: texts per forward sized to the text tower, so the activation of one layer
   (batch x context_length x width floats) stays near :data:`TEXT_BATCH_ELEMENTS` (64 MiB in fp32): wide or
   long towers get smaller batches, the n-gram bag and tiny towers larger ones (bounded memory, fewer calls).
@@ -18,7 +15,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import nn
 
 TEXT_BATCH_ELEMENTS = 1 << 24
 TEXT_BATCH_RANGE = (32, 2048)
@@ -77,19 +73,3 @@ def text_batch_for(tower) -> int:
     lo, hi = TEXT_BATCH_RANGE
     return max(lo, min(hi, n))
 
-
-def use_channels_last(model: nn.Module, wanted: bool | None, device: torch.device) -> bool:
-    """``train.channels_last``: true/false as given; null = on where it measured faster (bench_train's
-    channels_last row: timm ResNet/EfficientNet on CPU), i.e. on CPU for a model with more than one ``Conv2d``
-    (a ViT's patch embedding is its only one). Outputs equal the NCHW ones up to float rounding."""
-    if wanted is not None:
-        return bool(wanted)
-    return device.type == "cpu" and sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
-
-
-def channels_last_for_inference(model: nn.Module, device: torch.device | str) -> bool:
-    """Convert ``model`` in place to ``channels_last`` where :func:`use_channels_last` says so (eval)."""
-    if use_channels_last(model, None, torch.device(device)):
-        model.to(memory_format=torch.channels_last)
-        return True
-    return False
