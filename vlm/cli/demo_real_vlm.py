@@ -48,9 +48,9 @@ def _train(assets, data, run_dir: Path, *, blind: bool, quick: bool, steps: int 
 
 
 def _examples(rows_img: list[dict], rows_blind: list[dict], k: int = 6) -> list[dict]:
-    blind = {r["key"]: r["prediction"] for r in rows_blind}
-    return [{"key": r["key"], "reference": r["references"][0], "caption": r["prediction"],
-             "blind": blind.get(r["key"], "")} for r in rows_img[:k]]
+    blind = {r["id"]: r["prediction"] for r in rows_blind}  # eval.caption rows: id, lang, prediction, references
+    return [{"id": r["id"], "reference": r["references"][0], "caption": r["prediction"],
+             "blind": blind.get(r["id"], "")} for r in rows_img[:k]]
 
 
 def run_vlm(assets, data, out: Path, *, quick: bool, steps: int | None, workers: int, no_progress: bool,
