@@ -18,7 +18,7 @@ used (``nn.Embedding(sparse=True)``) instead of a dense 2**17 x W one (64 MiB) t
 :func:`vlm.train.optim.build_optimizer` then updates those rows only (:class:`vlm.train.optim.LazyAdamW`).
 ``null`` (default): the table is built dense, and the recipes (``setup_run``, :func:`vlm.train.perf.place_sparse`)
 switch it to sparse where that is supported: one process or gloo DDP, no ``train.compile`` (bench_train's
-sparse row: 1.56x samples/s at batch 32 on the demo towers). A loop of your own with torch's AdamW keeps the
+sparse row: 1.10x samples/s at batch 32 on the demo towers). A loop of your own with torch's AdamW keeps the
 dense gradient it expects. ``true``: sparse always (an error under FSDP2 or NCCL DDP); ``false``: dense always.
 """
 from __future__ import annotations
