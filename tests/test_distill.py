@@ -220,3 +220,17 @@ def test_text_student_stage_two_and_resume_exact(setup, tmp_path):
     a = load_weights(tmp_path / "a" / "final" / "model.safetensors")
     b = load_weights(tmp_path / "b" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_embedder_from_a_vision_llm_is_a_dho_teacher(setup, tmp_path):
+    """The teacher is loaded by directory through load_model, so a vision-LLM embedder (issue 12 item 1)
+    teaches a DHO student like a dual encoder does."""
+    from vlm.embedder import Embedder, EmbedderConfig
+    from vlm.vision_llm import VisionLLMConfig
+
+    torch.manual_seed(0)
+    Embedder.from_config(EmbedderConfig(base=VisionLLMConfig())).save_pretrained(tmp_path / "emb")
+    cfg = _dho_cfg({**setup, "teacher": tmp_path / "emb"}, tmp_path / "run", steps=4, ckpt_every=4)
+    out = distill.run(cfg)
+    assert out["teacher_images_embedded"] == 60 and out["step"] == 4 and math.isfinite(out["loss"])
+    assert (Path(out["final_dir"]) / "model.safetensors").is_file()
