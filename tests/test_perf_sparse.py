@@ -95,7 +95,7 @@ def test_place_sparse_turns_auto_tables_sparse_only_where_supported():
     from vlm.errors import UserError
     from vlm.train.perf import place_sparse
 
-    auto, explicit = NgramText(width=8, buckets=16), NgramText(width=8, buckets=16, sparse=True)
+    auto, explicit = NgramText(width=8, buckets=16, sparse=None), NgramText(width=8, buckets=16, sparse=True)
     assert not auto.token_embed.sparse  # built dense: a loop of one's own with torch AdamW works
     place_sparse(auto, DistEnv())
     assert auto.token_embed.sparse
@@ -120,7 +120,7 @@ def test_sparse_ngram_pretraining_resumes_exactly(tmp_path, monkeypatch):
 
     def cfg(run_dir, **kw):
         base = {"train.debug": "false", "model.image_tower": "tiny:vit", "model.image_tower_cfg": "{}",
-                "model.text_tower": "ngram:text", "model.text_tower_cfg": "{width: 32, buckets: 4096}",
+                "model.text_tower": "ngram:text", "model.text_tower_cfg": "{width: 32, buckets: 4096, sparse: null}",
                 "model.embed_dim": "null", "data.shards": demo.train_spec, "data.batch_size": 8,
                 "data.num_workers": 0, "data.shuffle_buffer": 16, "data.shuffle_initial": 8, "val_data": "null",
                 "train.steps": 4, "train.precision": "fp32", "train.threads": 1, "train.log_every": 1,
