@@ -18,7 +18,7 @@ used (``nn.Embedding(sparse=True)``) instead of a dense 2**17 x W one (64 MiB) t
 :func:`vlm.train.optim.build_optimizer` then updates those rows only (:class:`vlm.train.optim.LazyAdamW`).
 ``false`` (default): dense always -- the lazy row-wise update is not the same optimisation as AdamW on the
 dense table (untouched rows keep their moments and get no weight decay), and on the demo it cost zero-shot
-accuracy (mean top-1 54.6 % sparse against 60.6 % dense, same steps), so it is opt-in. ``null``: the table is
+accuracy (mean top-1 54.6 % sparse against 61.8 % dense, same steps), so it is opt-in. ``null``: the table is
 built dense, and the recipes (``setup_run``, :func:`vlm.train.perf.place_sparse`)
 switch it to sparse where that is supported: one process or gloo DDP, no ``train.compile`` (bench_train's
 sparse row: 1.10x samples/s at batch 32 on the demo towers). A loop of your own with torch's AdamW keeps the
