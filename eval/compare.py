@@ -21,7 +21,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 
 from vlm.errors import UserError
 
@@ -92,7 +91,7 @@ def plot_compare(results: dict, path: str, metric: str = "top1") -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from vlm.fileio import respect_umask
+    from vlm.eval.report import save_figure
 
     langs, names = list(results["per_language"]), results["models"]
     fig = Figure(figsize=(max(7.0, 0.55 * len(langs) * max(1, len(names)) / 2 + 2), 4.2), dpi=110)
@@ -114,16 +113,7 @@ def plot_compare(results: dict, path: str, metric: str = "top1") -> str:
     ax.legend(fontsize=7, ncol=min(4, len(names) + 1))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        respect_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_figure(fig, path)
 
 
 def compare_models(models: list[str], names: list[str] | None, out_dir: str, *, images=None, shards=None,

@@ -132,8 +132,13 @@ def plot(report: dict, path: str, metric: str | None = None) -> str:
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+    """Write a matplotlib figure to ``path`` as PNG atomically (temp file in the same folder, then rename), with
+    the user's umask applied; returns ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
