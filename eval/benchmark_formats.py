@@ -384,7 +384,7 @@ def read_benchmark(fmt: str, annotations, images, image_list=None) -> BenchmarkI
 def image_batches(items: BenchmarkItems, preprocess, batch_size: int = 64, num_workers: int = 0, stats=None):
     """Batches ``{"pixels", "class_id" (= index into items), "key"}`` for ``eval.zeroshot.embed_images``;
     unreadable images are left out and counted in ``stats`` (a ``SkipStats``)."""
-    from vlm.eval.zeroshot import folder_batches
+    from vlm.eval.image_folder import folder_batches
 
     return folder_batches(_ItemsDataset(items, preprocess), batch_size, num_workers, stats)
 
@@ -392,7 +392,7 @@ def image_batches(items: BenchmarkItems, preprocess, batch_size: int = 64, num_w
 class _ItemsDataset:
     """A map-style dataset over ``items``: each image decoded by the loader's own
     :func:`vlm.data.decode.decode_image` (the pixels it would give inside a shard), as the items of
-    ``eval.zeroshot.folder_batches`` (``{"pixels", "class_id" = index in items, "key", "skipped"}``)."""
+    ``eval.image_folder.folder_batches`` (``{"pixels", "class_id" = index in items, "key", "skipped"}``)."""
 
     def __init__(self, items, preprocess):
         from vlm.data.decode import decode_settings

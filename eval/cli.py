@@ -282,8 +282,9 @@ def _finish(results: dict, args, name: str, meta: dict) -> int:
 # ------------------------------------------------------------------------------------------------ commands
 def run_zeroshot(args) -> int:
     from vlm.eval.babel import default_labels_path, load_labels, load_prompts, resolve_langs
-    from vlm.eval.zeroshot import (ImageFolderDataset, TextEmbeddingCache, embed_images, evaluate_zeroshot,
-                               folder_batches, make_text_encoder, model_fingerprint)
+    from vlm.eval.image_folder import ImageFolderDataset, folder_batches
+    from vlm.eval.zeroshot import (TextEmbeddingCache, embed_images, evaluate_zeroshot, make_text_encoder,
+                               model_fingerprint)
 
     images = args.images or args.image_folder
     if args.images and args.preprocess != "loader":

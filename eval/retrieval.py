@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from vlm.eval.zeroshot import l2norm, true_class_rank
+from vlm.eval.zeroshot import encode_in, l2norm, true_class_rank
 from vlm.errors import DataError
 
 KS = (1, 5, 10)
@@ -95,7 +95,8 @@ def evaluate_retrieval(image_emb: torch.Tensor, captions: list[dict[str, list[st
                        encode_texts: Callable[[list], torch.Tensor], langs: list[str] | None = None,
                        ks=KS, text_batch_size: int = 256, progress: bool = False) -> dict:
     """Per-language retrieval. ``image_emb [N, E]`` (embedded once), ``captions[i]`` = {lang: [captions]} of
-    image i; ``encode_texts(list[str]) -> [M, E]``. Languages default to every language with a caption.
+    image i; ``encode_texts(list[str]) -> [M, E]`` (called with ``lang=`` when it ``takes_lang``,
+    :func:`vlm.eval.zeroshot.encode_in`). Languages default to every language with a caption.
     Returns the results dict (task "retrieval", primary metric mean_recall) for ``eval.report``."""
     if len(captions) != image_emb.shape[0]:
         raise ValueError(f"{len(captions)} caption entries for {image_emb.shape[0]} images")
@@ -117,7 +118,8 @@ def evaluate_retrieval(image_emb: torch.Tensor, captions: list[dict[str, list[st
             for t in c.get(lang, []):
                 texts.append(unicodedata.normalize("NFC", t))
                 owner.append(i)
-        embs = [encode_texts(texts[j:j + text_batch_size]).float() for j in range(0, len(texts), text_batch_size)]
+        embs = [encode_in(encode_texts, texts[j:j + text_batch_size], lang).float()
+                for j in range(0, len(texts), text_batch_size)]
         with torch.inference_mode():
             per_lang[lang] = retrieval_recall(image_emb, torch.cat(embs), torch.tensor(owner), ks)
     metrics = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in ks] + ["mean_recall"]

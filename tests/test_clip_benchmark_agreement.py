@@ -49,8 +49,8 @@ from test_towers import OC_ARCH, OC_CFG  # noqa: E402
 from vlm.cli import main as vlm_main  # noqa: E402
 from vlm.errors import UserError  # noqa: E402
 from vlm.eval.babel import BUNDLED_LABELS, BUNDLED_PROMPTS, load_labels, load_prompts, templates_for  # noqa: E402
-from vlm.eval.zeroshot import (ImageFolderDataset, TextEmbeddingCache, embed_images, folder_batches,  # noqa: E402
-                               model_fingerprint)
+from vlm.eval.image_folder import ImageFolderDataset, folder_batches  # noqa: E402
+from vlm.eval.zeroshot import TextEmbeddingCache, embed_images, model_fingerprint  # noqa: E402
 from vlm.towers.open_clip import register_arch  # noqa: E402
 
 CB_DIR = os.path.join(os.path.dirname(cb.__file__), "datasets")

@@ -109,7 +109,7 @@ def test_vqa_exact_resume_per_worker(vqa, resampled):
 
 def test_one_image_preprocessing_loader_and_folder(tmp_path):
     from vlm.data.decode import decode_image
-    from vlm.eval.zeroshot import ImageFolderDataset, folder_batches
+    from vlm.eval.image_folder import ImageFolderDataset, folder_batches
     from vlm.data.decode import SkipStats
 
     rng = torch.Generator().manual_seed(0)

@@ -67,3 +67,38 @@ def test_compare_bad_args_one_line(setup, extra, msg, capsys):
     assert main(argv + extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0]
+
+
+def test_eval_prompts_each_language_in_its_own_language(setup):
+    """An embedder with ``lang_prompts``: ``vlm eval``'s text encoder prompts a language's texts in that
+    language (as ``encode_text(..., lang=)`` does), and zero-shot and retrieval pass the scored language."""
+    from vlm.embedder import Embedder, EmbedderConfig
+    from vlm.eval.babel import load_labels, load_prompts
+    from vlm.eval.retrieval import evaluate_retrieval
+    from vlm.eval.zeroshot import evaluate_zeroshot, make_text_encoder
+    from vlm.vision_llm import VisionLLMConfig
+
+    demo, _ = setup
+    torch.manual_seed(0)
+    m = Embedder.from_config(EmbedderConfig(base=VisionLLMConfig(), lang_prompts=True,
+                                            prompts={"de": {"text_instruction": "In einem Wort:"}})).eval()
+    enc = make_text_encoder(m)
+    texts = ["ein Kreis", "ein Quadrat"]
+    with torch.no_grad():
+        assert torch.allclose(enc(texts, lang="de"), m.encode_text(texts, lang="de"), atol=1e-5)
+        assert not torch.allclose(enc(texts, lang="de"), enc(texts), atol=1e-3)
+    seen = []
+
+    def spy(texts, lang=None):
+        seen.append(lang)
+        return enc(texts, lang=lang)
+    spy.takes_lang = True
+    labels, prompts = load_labels(str(demo.labels)), load_prompts(str(demo.prompts))
+    classes = torch.tensor(labels.classes["en"][:4])
+    evaluate_zeroshot(torch.randn(4, m.embed_dim), classes, labels, prompts, encode_texts=spy, langs=["en", "de"])
+    assert set(seen) == {"en", "de"}
+    seen.clear()
+    evaluate_retrieval(torch.randn(2, m.embed_dim), [{"en": ["a circle"], "de": ["ein Kreis"]}] * 2, spy)
+    assert set(seen) == {"en", "de"}
+    m2 = Embedder.from_config(EmbedderConfig(base=VisionLLMConfig(), lang_prompts=False))
+    assert not make_text_encoder(m2).takes_lang

@@ -8,8 +8,8 @@ import torch
 
 from vlm.eval.babel import (UnknownBabelLanguage, load_labels, load_prompts,
                         resolve_langs, templates_for)
-from vlm.eval.zeroshot import (ImageFolderDataset, TextEmbeddingCache, class_embeddings, embed_images,
-                           evaluate_zeroshot, folder_batches, score_language)
+from vlm.eval.image_folder import ImageFolderDataset, folder_batches
+from vlm.eval.zeroshot import TextEmbeddingCache, class_embeddings, embed_images, evaluate_zeroshot, score_language
 from vlm.errors import DataError
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "babel_imagenet")

@@ -8,7 +8,7 @@ so ``vlm.data.decode.expand_shards`` stays the one shard-spec parser.
    JSON nested too deep for Python's parser; captions: :func:`parse_captions`), then the image.
    VQA records are decoded by :func:`vlm.data.vqa.decode_vqa_record` with the same pieces.
 2. :func:`decode_image`, the one image preprocessing of the project (the loader for every task and the
-   evaluation folder reader ``eval.zeroshot.ImageFolderDataset`` call it):
+   evaluation folder reader ``eval.image_folder.ImageFolderDataset`` call it):
    ``Image.open(formats=["JPEG", "PNG", "WEBP"])`` (a disguised format is ``corrupt_image``),
    width*height checked against ``max_pixels`` before any pixel is decoded (``image_too_large``), JPEG
    ``draft()`` (libjpeg scales by 1/2..1/8) when the source is >= 2x the target, ``load()`` errors ->

@@ -42,9 +42,9 @@ class EmbedderConfig:
     language (:mod:`vlm.embedder.prompts`)."""
     default_lang: str = "en"
     lang_prompts: bool = False
-    """True: a text gets the prompts of its own language when one is given (``encode_text(..., lang=)``, the
-    embed recipe's batches). False: always ``default_lang``'s, which is what ``vlm eval`` (no language
-    passed) gets, so training and evaluation see the same prompts."""
+    """True: a text gets the prompts of its own language when one is given (``encode_text(..., lang=)``): the
+    embed recipe's batches, and ``vlm eval zeroshot|retrieval|compare``, which encode each language's class
+    prompts and captions in that language. False: always ``default_lang``'s, in training and evaluation."""
     padding_side: Literal["left", "right"] = "right"
     max_text_length: int = 64
     """Tokens of a text kept (the prompt around it is never cut)."""
@@ -119,6 +119,12 @@ class Embedder(nn.Module):
         self.logit_bias = None if config.init_logit_bias is None else nn.Parameter(
             torch.tensor(float(config.init_logit_bias)), requires_grad=config.learn_logit_scale)
         self._image_ids: dict[str, torch.Tensor] = {}
+
+    @property
+    def lang_aware_text(self) -> bool:
+        """Whether a text's prompts follow its language (``lang_prompts``): then ``vlm eval``'s text encoder
+        (:func:`vlm.eval.zeroshot.make_text_encoder`) tokenizes each language's texts with that language."""
+        return bool(self.config.lang_prompts)
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
