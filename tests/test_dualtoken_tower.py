@@ -18,9 +18,13 @@ def _losses(aux):
     return sum(v for k, v in aux.items() if k.endswith("_loss"))
 
 
-@pytest.mark.parametrize("mode", ["dual", "single"])
-def test_encode_decode_round_trip_shapes_and_tokens(mode):
-    tok = _tok(mode=mode)
+@pytest.mark.parametrize("mode,stem", [("dual", "patch"), ("single", "patch"), ("dual", "conv")])
+def test_encode_decode_round_trip_shapes_and_tokens(mode, stem):
+    tok = _tok(mode=mode, backbone_cfg={"stem": stem})
+    st = tok.teacher.eval()  # block by block = the tower's own forward
+    with torch.no_grad():
+        x0 = torch.randn(2, 3, 32, 32)
+        assert torch.allclose(st.pool(st.tail(st.run(st.embed(x0), 0, st.depth))), st.tower.encode(x0)[0], atol=1e-5)
     x = torch.randn(2, 3, 32, 32)
     tok.train()
     tokens, aux = tok(x)

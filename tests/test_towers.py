@@ -115,6 +115,13 @@ def test_tiny_towers_shapes_all_scripts_and_overrides():
     assert txt.tokenizer.decode(enc["input_ids"][3]) == "你好，世界"
     big = registry.build("tower", "tiny:vit", width=128, depth=3, image_size=64, patch_size=16)
     assert (big.width, big.num_tokens, len(big.blocks)) == (128, 17, 3)
+    conv = registry.build("tower", "tiny:vit", width=64, patch_size=8, stem="conv")  # Xiao et al. conv stem
+    assert conv(torch.randn(2, 3, 32, 32))[0].shape == (2, 17, 64)
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in conv.patch_embed) == 3
+    with pytest.raises(SpecError, match="stem must be 'patch' or 'conv'"):
+        registry.build("tower", "tiny:vit", stem="convnext")
+    with pytest.raises(SpecError, match="power-of-two patch_size"):
+        registry.build("tower", "tiny:vit", image_size=36, patch_size=6, stem="conv")
     assert registry.build("tower", "tiny:text-s").width == 128
     # padding does not change a text's embedding (key-padding mask)
     a = txt.tokenizer(["hallo"], context_length=16)

@@ -72,7 +72,7 @@ class ViTStages(nn.Module):
     def _grid(self, s: int) -> int:
         t = self.tower
         if self.kind == "tiny":
-            return s // t.patch_embed.kernel_size[0]
+            return t.grid
         if self.kind == "hf":
             return t.core.config.image_size // t.core.config.patch_size
         return int(t.visual.grid_size[0])
@@ -81,8 +81,7 @@ class ViTStages(nn.Module):
         """Normalised ``pixels [B, 3, S, S]`` -> ``h_0 [B, L, W]`` (L = prefix + grid tokens)."""
         t = self.tower
         if self.kind == "tiny":
-            x = t.patch_embed(pixels).flatten(2).transpose(1, 2)
-            return torch.cat([t.cls_token.expand(x.shape[0], -1, -1), x], 1) + t.pos_embed
+            return t.embed(pixels)
         if self.kind == "hf":
             h = t.core.embeddings(pixels)
             return t.core.pre_layrnorm(h) if hasattr(t.core, "pre_layrnorm") else h
