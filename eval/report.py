@@ -3,7 +3,8 @@
 A *results dict* (made by ``eval.zeroshot.evaluate_zeroshot``, ``eval.retrieval.evaluate_retrieval``,
 ``eval.metrics.caption_metrics`` / ``vqa_metrics``) has: ``task``, ``primary_metric``, ``metrics`` (names
 shown in the table), ``per_language`` {lang: {metric: value, metric + "_chance": value, n...}},
-``summary`` (means over languages), ``warnings``, and task extras (mode, cache...). ``baseline_label``
+``summary`` (means over languages), ``warnings``, optionally ``overall`` (names of task-level ``summary``
+entries shown as one more table, e.g. a tokenizer's PSNR), and task extras (mode, cache...). ``baseline_label``
 (optional, default "chance level") names what the ``_chance`` values are when they are another baseline
 (``vlm demo``'s image-blind captioner), in the Markdown's cell legend and the PNG's.
 
@@ -100,6 +101,10 @@ def to_markdown(report: dict) -> str:
         mean.update({m + "_chance": s.get(f"mean_{m}_chance") for m in metrics if f"mean_{m}_chance" in s})
         cells = ["**mean**"] + ([""] if count_key else []) + ["" for _ in extra]
         lines.append("| " + " | ".join(cells + [_cell(mean, m) for m in metrics]) + " |")
+    overall = report.get("overall") or []  # task-level numbers outside the per-language table
+    if overall:
+        lines += ["", "| " + " | ".join(overall) + " |", "|" + "|".join("---" for _ in overall) + "|",
+                  "| " + " | ".join(_fmt(s.get(k)) for k in overall) + " |"]
     if report.get("warnings"):
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"

@@ -174,7 +174,10 @@ def run_tokenizer(args) -> int:
             metrics[f"mean_{k}"] = sum(v) / len(v) if v else None
     for branch, s in codes.items():
         metrics[f"{branch}_usage"], metrics[f"{branch}_perplexity"] = s["usage"], s["perplexity"]
-    results = {"task": "tokenizer", "primary_metric": "retention" if per_lang else "psnr", "metrics": metrics,
+    # report protocol (eval.report): "metrics" names the per-language columns, "summary" holds the numbers
+    results = {"task": "tokenizer", "primary_metric": "retention" if per_lang else "psnr",
+               "metrics": ["top1_teacher", "top1_quantised", "retention"] if per_lang else [],
+               "summary": metrics, "overall": [k for k in metrics if not k.startswith("mean_")],
                "per_language": per_lang, "codebooks": codes, "warnings": warnings,
                "tokenizer": {"mode": tok.mode, "codebook_size": tok.codebook_size, "depth": tok.depth,
                              "grid": list(tok.grid)}}

@@ -31,7 +31,7 @@ def test_eval_tokenizer_reports_reconstruction_and_retention(demo, tmp_path):
                  "--dual-encoder", str(tmp_path / "dual"), "--langs", "en,de", "--batch-size", "8",
                  "--out", str(out), "--no-progress"]) == 0
     rep = json.loads((out / "tokenizer.json").read_text())
-    m = rep["metrics"]
+    m = rep["summary"]
     assert m["n_images"] == 20 and m["psnr"] > 0 and -1 <= m["ssim"] <= 1
     assert 0 < m["pixel_usage"] <= 1 and m["semantic_perplexity"] >= 1
     assert set(rep["per_language"]) == {"en", "de"}
@@ -39,6 +39,8 @@ def test_eval_tokenizer_reports_reconstruction_and_retention(demo, tmp_path):
     assert {"top1_teacher", "top1_quantised", "retention"} <= set(row)
     assert rep["warnings"] == []  # the dual encoder's image tower is the tokenizer's teacher
     assert (out / "tokenizer_grid.png").is_file() and (out / "tokenizer.md").is_file()
+    md = (out / "tokenizer.md").read_text()
+    assert "| top1_teacher | top1_quantised | retention |" in md and "| psnr | ssim | n_images |" in md
 
 
 def test_eval_tokenizer_bad_model_is_one_line(demo, tmp_path, capsys):

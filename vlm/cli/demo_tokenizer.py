@@ -177,7 +177,7 @@ def _score_t2i(t2i: dict, classifier_dir: str, demo, langs: list[str], report_di
 def write_summary(report_dir: Path, tok: dict, t2i: dict, steps: dict, times: dict, quick: bool) -> str:
     """The demo's Markdown report (all tables) -> ``report_dir/tokenizer-demo.md``; returns its text."""
     def m(mode, key):
-        v = tok[mode]["metrics"].get(key)
+        v = tok[mode]["summary"].get(key)
         return "-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
 
     lines = ["# vlm demo --tokenizer", "", f"Steps: {steps}; seconds per stage: {times}" + (
