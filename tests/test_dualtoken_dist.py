@@ -56,3 +56,19 @@ def test_ddp_tokenizer_trains_and_resumes_exactly(demo, tmp_path):
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_fsdp2_tokenizer_trains_and_resumes(demo, tmp_path):
+    """``train.dist=fsdp2``: the tokenizer shards, exports, and a run resumed from its step-2 checkpoint ends
+    where the uninterrupted one does (float sums of sharded gradients: to rounding)."""
+    full = tmp_path / "full"
+    _torchrun(demo, full, **{"train.dist": "fsdp2"})
+    want = load_weights(full / "final" / "model.safetensors")
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "checkpoints" / "step-00000002", cut / "checkpoints" / "step-00000002")
+    r = _torchrun(demo, cut, **{"train.dist": "fsdp2"})
+    assert "resumed from" in r.stderr
+    got = load_weights(cut / "final" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
