@@ -408,6 +408,17 @@ def save_training_state(root: str | os.PathLike, step: int, model: nn.Module, op
     return path
 
 
+def _check_fits(path, own_keys, state: dict, missing=None, unexpected=None) -> None:
+    """CheckpointError when ``state`` does not fit the model (``own_keys``, or torch's missing/unexpected)."""
+    if own_keys is not None:
+        own = set(own_keys)
+        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: missing {list(missing)[:5]}, "
+                              f"unexpected {list(unexpected)[:5]}; resume with the config the checkpoint was "
+                              f"written with (its config.yaml)")
+
+
 def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer, scheduler, env
                         ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG from a checkpoint written by
@@ -416,15 +427,20 @@ def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer, sc
 
     model_state, train_state, _ = load_checkpoint(path, check=env.is_main)
     if env.mode == "fsdp2":
-        opts = _state_options(env, False)
-        set_model_state_dict(model, model_state, options=opts)
-        set_optimizer_state_dict(model, optimizer, train_state["optimizer"], options=opts)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        _check_fits(path, model.state_dict().keys(), model_state)
+        # a parameter registered under two names (peft's prompt tuning keeps the LLM's input embedding as
+        # ``word_embeddings`` too) is distributed by torch under its first name only; loading the full tensor
+        # under the second name into the sharded parameter fails, so only the first name is loaded
+        first = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - first
+        set_model_state_dict(model, {k: v for k, v in model_state.items() if k not in aliases},
+                             options=StateDictOptions(full_state_dict=True, cpu_offload=False, strict=not aliases))
+        set_optimizer_state_dict(model, optimizer, train_state["optimizer"], options=_state_options(env, False))
     else:
         missing, unexpected = model.load_state_dict(model_state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}; resume with the config the checkpoint was "
-                                  f"written with (its config.yaml)")
+        _check_fits(path, None, model_state, missing, unexpected)
         try:
             optimizer.load_state_dict(train_state["optimizer"])
         except ValueError as e:  # torch: "loaded state dict has a different number of parameter groups" ...

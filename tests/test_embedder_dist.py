@@ -1,0 +1,69 @@
+"""``task: embed`` under two gloo processes (``torchrun ... -m vlm train embed_demo``): DDP and FSDP2 train with
+GradCache over two micro-batches and the LM term on, and a run stopped after step 2 and resumed ends at the
+same weights as the uninterrupted one (DDP: exactly; FSDP2: to rounding)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "train" / "configs" / "embed_demo.yaml"
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from vlm.data_recipes.demo import build_demo
+    from vlm.vision_llm import VisionLLM, VisionLLMConfig
+
+    tmp = tmp_path_factory.mktemp("embdist")
+    demo = build_demo(tmp / "d", train=48, val=8, size=32, train_shards=2, val_shards=1, langs=["en", "de"])
+    torch.manual_seed(0)
+    VisionLLM(VisionLLMConfig(llm_cfg={"hidden_size": 32, "num_layers": 1, "num_heads": 4},
+                              trainable={"llm": "lora"})).save_pretrained(tmp / "vlm")
+    return demo, tmp
+
+
+def _torchrun(demo, tmp, run_dir, **kw):
+    ov = {"model.vision_llm": str(tmp / "vlm"), "data.shards": demo.train_spec, "data.batch_size": 4,
+          "data.num_workers": 0, "data.shuffle_buffer": 8, "data.shuffle_initial": 4, "val_data": "null",
+          "train.steps": 4, "train.threads": 1, "train.log_every": 1, "train.ckpt_every": 2, "train.keep_last": 0,
+          "train.run_dir": str(run_dir), "train.resume": "latest", "train.device": "cpu", "train.precision": "fp32",
+          "train.progress": "false", "train.tensorboard": "false", "optim.warmup_steps": 1, "optim.accum_steps": 2,
+          "lm_weight": 0.5, "model.prompt_tuning.num_virtual_tokens": 2}
+    ov.update(kw)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlm",
+           "train", str(CONFIG), *[f"{k}={v}" for k, v in ov.items()]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r
+
+
+def _weights(final):
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in ("vision_llm/projector.safetensors", "vision_llm/adapter/llm/lora/adapter_model.safetensors",
+                 "vision_llm/adapter/llm/prompt/adapter_model.safetensors"):
+        out.update({f"{name}:{k}": v for k, v in load_file(str(Path(final) / name)).items()})
+    return out
+
+
+@pytest.mark.parametrize("dist", ["ddp", "fsdp2"])
+def test_embed_trains_and_resumes_under_torchrun(setup, tmp_path, dist):
+    demo, tmp = setup
+    _torchrun(demo, tmp, tmp_path / "full", **{"train.dist": dist})
+    _torchrun(demo, tmp, tmp_path / "part", **{"train.dist": dist, "train.stop_after": 2})
+    r = _torchrun(demo, tmp, tmp_path / "part", **{"train.dist": dist})
+    assert "resumed from" in r.stderr
+    want, got = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "part" / "final")
+    assert want.keys() == got.keys() and want
+    for k in want:
+        if dist == "ddp":
+            assert torch.equal(got[k], want[k]), k
+        else:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
