@@ -2,14 +2,12 @@
 DDP trains and exports one tokenizer (rank 0 writes), and a DDP run resumed from its step-2 checkpoint ends at
 the same weights as the uninterrupted one -- codebook EMA buffers (all-reduced counts and sums) and the
 dead-code restarts (drawn on rank 0, broadcast) included."""
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_launch import torchrun_train
 
 from vlm.checkpoint import load_weights
 
@@ -34,12 +32,7 @@ def _torchrun(demo, run_dir, **kw):
           "train.dist": "ddp", "train.steps": 4, "train.ckpt_every": 2, "train.keep_last": 0,
           "train.progress": "false", "train.tensorboard": "false", "optim.warmup_steps": 1}
     ov.update(kw)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlm",
-           "train", str(CONFIG), *[f"{k}={v}" for k, v in ov.items()]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=400)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    return r
+    return torchrun_train(CONFIG, ov)
 
 
 def test_ddp_tokenizer_trains_and_resumes_exactly(demo, tmp_path):

@@ -1,13 +1,11 @@
 """``task: embed`` under two gloo processes (``torchrun ... -m vlm train embed_demo``): DDP and FSDP2 train with
 GradCache over two micro-batches and the LM term on, and a run stopped after step 2 and resumed ends at the
 same weights as the uninterrupted one (DDP: exactly; FSDP2: to rounding)."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_launch import torchrun_train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "train" / "configs" / "embed_demo.yaml"
@@ -35,12 +33,7 @@ def _torchrun(demo, tmp, run_dir, **kw):
           "train.progress": "false", "train.tensorboard": "false", "optim.warmup_steps": 1, "optim.accum_steps": 2,
           "lm_weight": 0.5, "model.prompt_tuning.num_virtual_tokens": 2}
     ov.update(kw)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlm",
-           "train", str(CONFIG), *[f"{k}={v}" for k, v in ov.items()]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=400)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    return r
+    return torchrun_train(CONFIG, ov)
 
 
 def _weights(final):

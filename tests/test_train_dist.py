@@ -2,13 +2,11 @@
 DDP learns (the loss falls); FSDP2 stops, resumes from its checkpoint and ends at the same weights as DDP.
 Both use GradCache accumulation (accum_steps=2), so the no-sync paths of DDP and FSDP2 run too."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_launch import torchrun_train
 
 from vlm.checkpoint import load_weights
 
@@ -33,12 +31,7 @@ def _torchrun(demo, run_dir, **kw):
           "train.progress": "false", "train.tensorboard": "false", "train.keep_last": 0,
           "optim.warmup_steps": 2, "optim.schedule": "constant", "optim.lr": 2e-3, "optim.accum_steps": 2}
     ov.update(kw)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlm",
-           "train", str(CONFIG), *[f"{k}={v}" for k, v in ov.items()]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=400)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    return r
+    return torchrun_train(CONFIG, ov)
 
 
 def _losses(run_dir):
