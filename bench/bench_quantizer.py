@@ -1,21 +1,30 @@
 """Residual VQ: ``vlm.quant.ResidualVQ`` against vector-quantize-pytorch's ``ResidualVQ`` on the same work,
 and the DualToken tokenizer's encode / decode images/s.
 
-    pip install -e ".[bench]" && python bench/bench_quantizer.py [--repeats 5] [--threads 1]
+    pip install -e ".[bench]" && python bench/bench_quantizer.py [--quick] [--json out.json] [--repeats 5]
 
 Same sizes for both quantisers: N latent vectors of dim 32 (a 16x16 grid x batch), one codebook shared
 across depths (``shared_codebook=True``), EMA decay 0.99, Laplace eps 1e-5, dead-code threshold 1,
 commitment loss, training mode (assignment + EMA update + straight-through), forward + backward of
-``out.sum() + commit``. Runs are interleaved (ours, theirs, ours, ...) after a warm-up; the table gives the
-median and the spread (min-max) of the per-call time and the ratio theirs / ours of the medians.
+``out.sum() + commit``. Runs are interleaved ABBA after a warm-up (``bench/common.py``, the protocol
+``bench/run_all.py`` collects); each row is the median of the per-round ratios theirs / ours of the time with
+its spread. The tokenizer's encode / decode images/s are rows without a peer (no library has this tokenizer).
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from common import Report, add_protocol_args, info_row, interleave, ratio_row, timed  # noqa: E402
+
+BENCH_PROTOCOL = 1
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -48,13 +57,8 @@ def quantizer_rows(sizes, repeats: int):
             out, _, commit = lib(z)
             (out.sum() + commit.sum()).backward()
 
-        for f in (run_ours, run_lib):  # warm-up (also initialises both codebooks)
-            f()
-        t_o, t_l = [], []
-        for _ in range(repeats):
-            t_o += _time(run_ours, 1)
-            t_l += _time(run_lib, 1)
-        rows.append((f"N={n} K={k} depth={depth}", t_o, t_l))
+        res = interleave({"ours": timed(run_ours), "lib": timed(run_lib)}, repeats, warmup=1)
+        rows.append((f"N={n} K={k} depth={depth}", res["ours"], res["lib"]))
     return rows
 
 
@@ -73,24 +77,29 @@ def tokenizer_rows(repeats: int, batch: int = 16):
     return [("encode", [batch / t for t in enc]), ("decode", [batch / t for t in dec])]
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds per side")
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    add_protocol_args(ap)
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved repeats\n")
-    print("| size | vlm.quant ms (median, min-max) | vector-quantize-pytorch ms | ratio lib/ours |")
-    print("|---|---|---|---|")
-    for name, t_o, t_l in quantizer_rows([(4096, 1024, 4), (8192, 4096, 4), (8192, 16384, 4)], args.repeats):
-        mo, ml = statistics.median(t_o), statistics.median(t_l)
-        print(f"| {name} | {1e3 * mo:.1f} ({1e3 * min(t_o):.1f}-{1e3 * max(t_o):.1f}) | {1e3 * ml:.1f} "
-              f"({1e3 * min(t_l):.1f}-{1e3 * max(t_l):.1f}) | {ml / mo:.2f}x |")
-    print("\n| tokenizer (dualtoken:tiny:vit, 32 px, batch 16) | images/s (median, min-max) |")
-    print("|---|---|")
+    sizes = [(4096, 1024, 4), (8192, 4096, 4), (8192, 16384, 4)]
+    if args.quick:
+        args.repeats, sizes = 3, sizes[:2]
+    report = Report(__file__, "vector-quantize-pytorch")
+    from importlib.metadata import version
+
+    for name, t_o, t_l in quantizer_rows(sizes, args.repeats):
+        report.add(ratio_row("quantizer", f"residual VQ train step {name}, dim 32, {args.threads} thread(s)", t_o,
+                             t_l, unit="s", higher_is_better=False, peer_name="vector-quantize-pytorch ResidualVQ",
+                             peer_version=version("vector-quantize-pytorch"), metric="time",
+                             note="forward + backward, EMA update, shared codebook"))
     for name, ips in tokenizer_rows(args.repeats):
-        print(f"| {name} | {statistics.median(ips):.0f} ({min(ips):.0f}-{max(ips):.0f}) |")
+        report.add(info_row("quantizer", f"dualtoken:tiny:vit {name}, 32 px, batch 16", ips, unit="images/s"))
+    report.finish(args.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
