@@ -1,6 +1,6 @@
 """Embedding throughput of the embedder (vlm.embedder) against the same LLM run through transformers directly.
 
-    python bench/bench_embedder.py [--texts 128] [--images 64] [--repeats 5] [--hidden 128] [--layers 2]
+    python bench/bench_embedder.py [--quick] [--json out.json] [--texts 128] [--images 64] [--repeats 5]
 
 Both sides embed the same inputs with the same weights (a random-init Llama from ``tiny:llama`` at the
 given size, a tiny ViT tower and an MLP projector) and agree on the result (checked before timing):
@@ -11,21 +11,29 @@ given size, a tiny ViT tower and an MLP projector) and agree on the result (chec
 * images: ``encode_image`` vs the same ``inputs_embeds`` (image rows from the same tower and projector, timed
   on both sides) through ``LlamaForCausalLM(inputs_embeds=..., output_hidden_states=True)``.
 
-Runs are interleaved (ours, theirs, ours, ...), each timed pass covers all items in batches of 32 under
-``torch.inference_mode``; printed: median items/s, the spread (min-max over repeats) and the ratio ours /
-transformers (> 1 = faster).
+Rounds are interleaved ABBA (``bench/common.py``, the protocol ``bench/run_all.py`` collects), each timed pass
+covers all items in batches of 32 under ``torch.inference_mode``; each row is the median of the per-round
+ratios ours / transformers of items/s (> 1 = faster) with its spread.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 import time
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import Report, add_protocol_args, interleave, ratio_row  # noqa: E402
+
+BENCH_PROTOCOL = 1
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--texts", type=int, default=128)
     ap.add_argument("--images", type=int, default=64)
@@ -33,10 +41,12 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=0)
-    a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2-core machine is shared)")
+    add_protocol_args(ap)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.repeats, a.texts, a.images = 3, 64, 32
+    torch.set_num_threads(a.threads)
     from vlm.embedder import Embedder, EmbedderConfig
     from vlm.vision_llm import VisionLLMConfig
 
@@ -86,21 +96,24 @@ def main() -> None:
         for name, (x, y) in {"texts": (ours_text, hf_text), "images": (ours_image, hf_image)}.items():
             diff = float((x() - y()).abs().max())
             assert diff < 1e-4, f"{name}: embeddings differ by {diff}"
-        print(f"llama hidden {a.hidden}, {a.layers} layers; {a.texts} texts, {a.images} images, batch {B}; "
-              f"torch threads {torch.get_num_threads()}; embeddings agree (max |diff| < 1e-4)")
-        print(f"{'':8} {'ours /s':>10} {'spread':>15} {'transformers /s':>16} {'spread':>15} {'ratio':>6}")
-        for name, n, (x, y) in (("texts", a.texts, (ours_text, hf_text)), ("images", a.images, (ours_image, hf_image))):
-            t = {"ours": [], "hf": []}
-            x(), y()  # warm-up
-            for _ in range(a.repeats):
-                for key, fn in (("ours", x), ("hf", y)):
-                    t0 = time.perf_counter()
-                    fn()
-                    t[key].append(n / (time.perf_counter() - t0))
-            mo, mh = statistics.median(t["ours"]), statistics.median(t["hf"])
-            print(f"{name:8} {mo:10.1f} {min(t['ours']):7.1f}-{max(t['ours']):<7.1f} {mh:16.1f} "
-                  f"{min(t['hf']):7.1f}-{max(t['hf']):<7.1f} {mo / mh:6.2f}")
+    from importlib.metadata import version
+
+    report = Report(__file__, "transformers")
+    note = f"llama hidden {a.hidden}, {a.layers} layers, batch {B}, {a.threads} thread(s); embeddings agree"
+    for name, n, (x, y) in (("texts", a.texts, (ours_text, hf_text)), ("images", a.images, (ours_image, hf_image))):
+        def rate(fn, n=n):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                fn()
+            return n / (time.perf_counter() - t0)
+
+        res = interleave({"ours": lambda x=x: rate(x), "hf": lambda y=y: rate(y)}, a.repeats, warmup=1)
+        report.add(ratio_row("embedder", f"embed {n} {name}", res["ours"], res["hf"], unit=f"{name}/s",
+                             higher_is_better=True, peer_name="transformers LlamaForCausalLM hidden_states",
+                             peer_version=version("transformers"), metric=f"{name}/s", note=note))
+    report.finish(a.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
