@@ -276,9 +276,12 @@ def traced_peak_mib(fn: Callable[[], object]) -> float:
     return peak / 2**20
 
 
-def _child_main(q, fn, args):
+def _child_main(q, fn, args, threads):
     import resource
 
+    import torch
+
+    torch.set_num_threads(threads)
     try:
         v = fn(*args)
         q.put((v, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None))
@@ -287,13 +290,18 @@ def _child_main(q, fn, args):
 
 
 def in_child(fn: Callable, *args) -> tuple[object, float]:
-    """``fn(*args)`` in a fresh forked process (its own memory high-water mark) -> (its result, peak RSS MiB).
-    Linux/macOS (fork)."""
+    """``fn(*args)`` in a fresh process (its own memory high-water mark) -> (its result, peak RSS MiB), on the
+    parent's torch thread count. Forked when the parent runs one thread; spawned otherwise (``fn`` and ``args``
+    must then pickle): a child forked after OpenMP ran a multi-threaded region hangs in its first parallel op
+    (measured here: a 2000x2000 matmul never returned), which is what stopped ``bench_zeroshot``'s plot."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork")
+    import torch
+
+    threads = torch.get_num_threads()
+    ctx = mp.get_context("fork" if threads == 1 else "spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child_main, args=(q, fn, args))
+    p = ctx.Process(target=_child_main, args=(q, fn, args, threads))
     p.start()
     v, rss, err = q.get()
     p.join()
