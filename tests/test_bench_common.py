@@ -61,7 +61,8 @@ def test_every_own_bench_script_follows_the_protocol():
     run_all = _load("run_all")
     yes, _ = run_all.discover()
     names = {p.stem for p in yes}
-    for own in ("bench_data", "bench_train", "bench_losses", "bench_zeroshot", "bench_vlm", "bench_clip_benchmark"):
+    for own in ("bench_data", "bench_train", "bench_losses", "bench_zeroshot", "bench_vlm", "bench_clip_benchmark",
+                "bench_quantizer", "bench_embedder", "bench_t2i", "bench_distill"):
         assert own in names
         text = (BENCH / f"{own}.py").read_text()
         assert "add_protocol_args" in text and "best of" not in text.lower()
@@ -70,3 +71,28 @@ def test_every_own_bench_script_follows_the_protocol():
 def test_in_child_reports_result_and_rss():
     v, rss = common.in_child(sum, [1, 2, 3])
     assert v == 6 and rss > 1
+
+
+def _matmul_threads(n: int) -> tuple[float, int]:
+    import torch
+
+    a = torch.ones(n, n)
+    return float((a @ a).sum()), torch.get_num_threads()
+
+
+def test_in_child_after_a_multithreaded_region_does_not_hang():
+    """A child forked after OpenMP ran on 2 threads hangs in its first parallel op: ``in_child`` spawns then,
+    on the parent's thread count."""
+    import torch
+
+    import common as bench_common  # by its own name (bench/ is on sys.path), as the scripts import it: the
+    # spawned child unpickles its entry point from there
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _matmul_threads(512)
+        (v, threads), rss = bench_common.in_child(_matmul_threads, 512)
+    finally:
+        torch.set_num_threads(n)
+    assert v == 512.0 ** 3 and threads == 2 and rss > 1
