@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_launch import torchrun_train
+from test_embedder_train import _weights, embed_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "train" / "configs" / "embed_demo.yaml"
@@ -14,15 +15,7 @@ pytestmark = pytest.mark.dist
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from vlm.data_recipes.demo import build_demo
-    from vlm.vision_llm import VisionLLM, VisionLLMConfig
-
-    tmp = tmp_path_factory.mktemp("embdist")
-    demo = build_demo(tmp / "d", train=48, val=8, size=32, train_shards=2, val_shards=1, langs=["en", "de"])
-    torch.manual_seed(0)
-    VisionLLM(VisionLLMConfig(llm_cfg={"hidden_size": 32, "num_layers": 1, "num_heads": 4},
-                              trainable={"llm": "lora"})).save_pretrained(tmp / "vlm")
-    return demo, tmp
+    return embed_parts(tmp_path_factory.mktemp("embdist"), train=48)
 
 
 def _torchrun(demo, tmp, run_dir, **kw):
@@ -34,16 +27,6 @@ def _torchrun(demo, tmp, run_dir, **kw):
           "lm_weight": 0.5, "model.prompt_tuning.num_virtual_tokens": 2}
     ov.update(kw)
     return torchrun_train(CONFIG, ov)
-
-
-def _weights(final):
-    from safetensors.torch import load_file
-
-    out = {}
-    for name in ("vision_llm/projector.safetensors", "vision_llm/adapter/llm/lora/adapter_model.safetensors",
-                 "vision_llm/adapter/llm/prompt/adapter_model.safetensors"):
-        out.update({f"{name}:{k}": v for k, v in load_file(str(Path(final) / name)).items()})
-    return out
 
 
 @pytest.mark.parametrize("dist", ["ddp", "fsdp2"])

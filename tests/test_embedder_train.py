@@ -13,17 +13,22 @@ from vlm.train import embed
 from vlm.train.cli import CONFIG_DIR
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def embed_parts(tmp: Path, train: int = 32):
+    """(demo shards in en + de, ``tmp``) with a tiny LoRA vision-LLM saved in ``tmp/vlm``: what ``task: embed``
+    starts from (also ``tests/test_embedder_dist.py``)."""
     from vlm.data_recipes.demo import build_demo
     from vlm.vision_llm import VisionLLM, VisionLLMConfig
 
-    tmp = tmp_path_factory.mktemp("embtrain")
-    demo = build_demo(tmp / "d", train=32, val=8, size=32, train_shards=2, val_shards=1, langs=["en", "de"])
+    demo = build_demo(tmp / "d", train=train, val=8, size=32, train_shards=2, val_shards=1, langs=["en", "de"])
     torch.manual_seed(0)
     VisionLLM(VisionLLMConfig(llm_cfg={"hidden_size": 32, "num_layers": 1, "num_heads": 4},
                               trainable={"llm": "lora"})).save_pretrained(tmp / "vlm")
     return demo, tmp
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return embed_parts(tmp_path_factory.mktemp("embtrain"))
 
 
 def make_cfg(demo, tmp, run_dir, **extra):
