@@ -384,36 +384,7 @@ def read_benchmark(fmt: str, annotations, images, image_list=None) -> BenchmarkI
 def image_batches(items: BenchmarkItems, preprocess, batch_size: int = 64, num_workers: int = 0, stats=None):
     """Batches ``{"pixels", "class_id" (= index into items), "key"}`` for ``eval.zeroshot.embed_images``;
     unreadable images are left out and counted in ``stats`` (a ``SkipStats``)."""
-    from vlm.eval.image_folder import folder_batches
+    from vlm.eval.image_folder import ImageFolderDataset, folder_batches
 
-    return folder_batches(_ItemsDataset(items, preprocess), batch_size, num_workers, stats)
-
-
-class _ItemsDataset:
-    """A map-style dataset over ``items``: each image decoded by the loader's own
-    :func:`vlm.data.decode.decode_image` (the pixels it would give inside a shard), as the items of
-    ``eval.image_folder.folder_batches`` (``{"pixels", "class_id" = index in items, "key", "skipped"}``)."""
-
-    def __init__(self, items, preprocess):
-        from vlm.data.decode import decode_settings
-
-        self.samples = [(it["image"], i) for i, it in enumerate(items)]
-        self.decode_kw = decode_settings(preprocess)
-        self.decode_kw["size"] = self.decode_kw.pop("image_size")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        from vlm.data.decode import SampleSkipped, decode_image
-
-        path, idx = self.samples[i]
-        out = {"pixels": None, "class_id": idx, "key": path, "skipped": None}
-        try:
-            with open(path, "rb") as f:
-                out["pixels"] = decode_image(f.read(), **self.decode_kw)
-        except SampleSkipped as e:
-            out["skipped"] = e.reason
-        except OSError:  # vanished / unreadable file
-            out["skipped"] = "missing_image"
-        return out
+    ds = ImageFolderDataset.from_files([it["image"] for it in items], preprocess)
+    return folder_batches(ds, batch_size, num_workers, stats)

@@ -85,8 +85,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str, preprocess, class_map: dict[str, int] | None = None,
                  preprocess_impl: str = "loader", keep_classes=None):
-        from vlm.data.decode import decode_settings
-
         if preprocess_impl not in PREPROCESS_IMPLS:
             raise UserError(f"unknown image preprocessing {preprocess_impl!r}; choose one of "
                             f"{', '.join(PREPROCESS_IMPLS)}")
@@ -109,6 +107,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if keep_classes is not None:  # e.g. the evaluated languages' classes: the others are never decoded
             keep = {int(c) for c in keep_classes}
             self.samples = [s for s in self.samples if s[1] in keep]
+        self._set_preprocess(preprocess, preprocess_impl)
+
+    @classmethod
+    def from_files(cls, paths: list[str], preprocess) -> "ImageFolderDataset":
+        """Listed image files (no folder to scan) with ``class_id`` = their index, the loader's decode."""
+        ds = cls.__new__(cls)
+        ds.samples = [(p, i) for i, p in enumerate(paths)]
+        ds._set_preprocess(preprocess, "loader")
+        return ds
+
+    def _set_preprocess(self, preprocess, preprocess_impl: str) -> None:
+        from vlm.data.decode import decode_settings
+
         self.preprocess = preprocess
         self.decode_kw = decode_settings(preprocess)
         self.decode_kw["size"] = self.decode_kw.pop("image_size")
