@@ -96,8 +96,6 @@ def main(argv=None) -> int:
         for name, (x, y) in {"texts": (ours_text, hf_text), "images": (ours_image, hf_image)}.items():
             diff = float((x() - y()).abs().max())
             assert diff < 1e-4, f"{name}: embeddings differ by {diff}"
-    from importlib.metadata import version
-
     report = Report(__file__, "transformers")
     note = f"llama hidden {a.hidden}, {a.layers} layers, batch {B}, {a.threads} thread(s); embeddings agree"
     for name, n, (x, y) in (("texts", a.texts, (ours_text, hf_text)), ("images", a.images, (ours_image, hf_image))):
@@ -110,7 +108,7 @@ def main(argv=None) -> int:
         res = interleave({"ours": lambda x=x: rate(x), "hf": lambda y=y: rate(y)}, a.repeats, warmup=1)
         report.add(ratio_row("embedder", f"embed {n} {name}", res["ours"], res["hf"], unit=f"{name}/s",
                              higher_is_better=True, peer_name="transformers LlamaForCausalLM hidden_states",
-                             peer_version=version("transformers"), metric=f"{name}/s", note=note))
+                             peer_version=report.env["versions"]["transformers"], metric=f"{name}/s", note=note))
     report.finish(a.json)
     return 0
 

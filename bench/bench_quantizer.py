@@ -27,15 +27,6 @@ from common import Report, add_protocol_args, info_row, interleave, ratio_row, t
 BENCH_PROTOCOL = 1
 
 
-def _time(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def quantizer_rows(sizes, repeats: int):
     from vector_quantize_pytorch import ResidualVQ as LibRVQ
 
@@ -72,8 +63,8 @@ def tokenizer_rows(repeats: int, batch: int = 16):
     x = torch.randn(batch, 3, 32, 32)
     with torch.no_grad():
         codes = tok.encode(x)
-        enc = _time(lambda: tok.encode(x), repeats)
-        dec = _time(lambda: tok.decode(codes.pixel), repeats)
+        enc = [timed(lambda: tok.encode(x))() for _ in range(repeats)]
+        dec = [timed(lambda: tok.decode(codes.pixel))() for _ in range(repeats)]
     return [("encode", [batch / t for t in enc]), ("decode", [batch / t for t in dec])]
 
 
@@ -88,12 +79,10 @@ def main(argv=None) -> int:
     if args.quick:
         args.repeats, sizes = 3, sizes[:2]
     report = Report(__file__, "vector-quantize-pytorch")
-    from importlib.metadata import version
-
     for name, t_o, t_l in quantizer_rows(sizes, args.repeats):
         report.add(ratio_row("quantizer", f"residual VQ train step {name}, dim 32, {args.threads} thread(s)", t_o,
                              t_l, unit="s", higher_is_better=False, peer_name="vector-quantize-pytorch ResidualVQ",
-                             peer_version=version("vector-quantize-pytorch"), metric="time",
+                             peer_version=report.env["versions"]["vector-quantize-pytorch"], metric="time",
                              note="forward + backward, EMA update, shared codebook"))
     for name, ips in tokenizer_rows(args.repeats):
         report.add(info_row("quantizer", f"dualtoken:tiny:vit {name}, 32 px, batch 16", ips, unit="images/s"))
