@@ -433,8 +433,8 @@ def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer, sc
         # a parameter registered under two names (peft's prompt tuning keeps the LLM's input embedding as
         # ``word_embeddings`` too) is distributed by torch under its first name only; loading the full tensor
         # under the second name into the sharded parameter fails, so only the first name is loaded
-        first = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-        aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - first
+        aliases = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+                   - {n for n, _ in model.named_parameters()})
         set_model_state_dict(model, {k: v for k, v in model_state.items() if k not in aliases},
                              options=StateDictOptions(full_state_dict=True, cpu_offload=False, strict=not aliases))
         set_optimizer_state_dict(model, optimizer, train_state["optimizer"], options=_state_options(env, False))

@@ -104,13 +104,13 @@ def run_stage(args) -> int:
 
     print(f"[2/6] two dual encoders: the tokenizer's ViT backbone ({steps['backbone']} steps) and an independent "
           f"classifier ({steps['classifier']} steps, other seeds)", flush=True)
-    backbone = _train("vlm.train.pretrain", "pretrain_demo.yaml", data + bs + _common(out / "backbone", args, quick) + [
-        "model.image_tower=tiny:vit", f"model.image_tower_cfg={VIT}", f"train.steps={steps['backbone']}",
-        f"data.num_workers={0 if quick else args.workers}"])
-    classifier = _train("vlm.train.pretrain", "pretrain_demo.yaml", data + bs + _common(out / "classifier", args, quick) +
-                        ["model.image_tower=tiny:vit", f"model.image_tower_cfg={VIT}",
-                         f"train.steps={steps['classifier']}", "train.seed=1", "data.seed=1",
-                         f"data.num_workers={0 if quick else args.workers}"])
+    def dual_encoder(name: str, seeds: tuple = ()) -> dict:  # the conv-stem ViT + n-gram recipe, OUT/<name>
+        return _train("vlm.train.pretrain", "pretrain_demo.yaml", data + bs + _common(out / name, args, quick) + [
+            "model.image_tower=tiny:vit", f"model.image_tower_cfg={VIT}", f"train.steps={steps[name]}", *seeds,
+            f"data.num_workers={0 if quick else args.workers}"])
+
+    backbone = dual_encoder("backbone")
+    classifier = dual_encoder("classifier", ("train.seed=1", "data.seed=1"))
     lap("dual encoders")
     toks = {}
     for mode in ("dual", "single"):

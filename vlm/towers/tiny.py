@@ -132,9 +132,8 @@ class TinyViT(_Encoder, ImageTower):
             self.patch_embed = _conv_stem(width, patch_size)
         else:
             raise SpecError(f"tiny image tower stem must be 'patch' or 'conv', got {stem!r}")
-        self.patch_size, self.grid = patch_size, image_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        grid = image_size // patch_size
+        self.grid = grid = image_size // patch_size  # token grid side (ViTStages reads it)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, width))
         self._init_encoder(width, depth, heads, mlp_ratio, dropout)
         self.width = self.embed_dim = width
