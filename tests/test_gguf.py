@@ -108,3 +108,29 @@ def test_gguf_missing_file_is_one_line(tmp_path):
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(LLMLoadError, match="GGUF"):
         registry.build("llm", f"hf:{bad}")
+
+
+def test_gguf_text_tower_loads_through_hf_spec(tmp_path):
+    """``hf:FILE.gguf`` as a tower: transformers' GGUF reader gives the config, the float weights and the
+    tokenizer; the tower's pooled output equals the written model's own hidden states, pooled the same way."""
+    from vlm.towers.base import pool_tokens
+
+    path = tmp_path / "tiny-llama-encoder.F32.gguf"
+    ref, ref_tok = write_tiny_llama_gguf(path, seed=1)
+    tower = registry.build("tower", f"hf:{path}", side="text", pooling="mean", context_length=16)
+    assert getattr(tower.core, "hf_quantizer", None) is None and tower.core.config.model_type == "llama"
+    texts = ["Ein Hund läuft.", "the dog and the cat run"]
+    batch = tower.tokenizer(texts)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape == (2, 16)
+    first = ref_tok(texts[0])["input_ids"]
+    assert ids[0][mask[0].bool()].tolist() == first  # the file's own tokenizer, not a stand-in
+    with torch.no_grad():
+        got = tower.encode(ids, mask)
+        want = pool_tokens(ref.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask, "mean")
+    got = got[0] if isinstance(got, tuple) else got
+    assert got.shape == (2, 32) and torch.allclose(got, want, atol=1e-5)
+    # the same file is a dual-encoder text tower a recipe trains: gradients reach the dequantised weights
+    out = tower.encode(ids, mask)
+    (out[0] if isinstance(out, tuple) else out).pow(2).sum().backward()
+    assert tower.core.embed_tokens.weight.grad is not None
