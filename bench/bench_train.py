@@ -18,8 +18,8 @@ in its own process (no torchrun). Two rows:
   same loader workers (``--workers``) and torch threads (``--threads``, as OMP_NUM_THREADS and
   ``torch.set_num_threads``);
 * ``defaults``: each program as a user runs it: open_clip_train with its AdamW, its RandomResizedCrop, its 4
-  workers and torch's default threads; ours with the recipe's workers and its thread rule (intra-op threads +
-  loader workers <= cores).
+  workers and torch's default threads; ours with the recipe's workers and its thread rule (the cores no other
+  program keeps busy at start, ``vlm.train.perf.placed_threads``).
 
 Why fp32 is the default: on AVX2-only CPUs (the AMD EPYC Milan this was written on) bf16 autocast is
 emulated by oneDNN and measured 10-15x slower than fp32 (a ViT-S-32 step at batch 32 took ~350 s in

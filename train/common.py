@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from vlm.distributed import (DistEnv, all_gather_object, barrier, broadcast_obje
                              init_distributed, sync_replicated_grads, wrap_model)
 from vlm.errors import UserError
 from vlm.train.optim import NonFiniteGuard, build_optimizer, build_scheduler, guarded_update
-from vlm.train.perf import apply_channels_last, place_sparse
+from vlm.train.perf import apply_channels_last, place_sparse, place_threads
 from vlm.train.runlog import RunLogger, save_run_info
 
 
@@ -61,7 +60,7 @@ class TrainConfig:
     keep_last: int = 3
     resume: Optional[str] = None  # "latest" | a step-XXXXXXXX directory | null
     seed: int = 0
-    threads: int = 0  # torch intra-op threads per process; 0 = placed: cores left after the loader workers (CPU)
+    threads: int = 0  # torch intra-op threads per process; 0 = placed: the cores no other program keeps busy (CPU)
     debug: bool = False  # shrink to tiny parts and a few steps (a smoke run, like big_vision runlocal)
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
     progress: bool = True  # tqdm bar on a terminal, one line per log_every otherwise
@@ -81,29 +80,6 @@ def seed_everything(seed: int, rank: int = 0) -> None:
         np.random.seed(s % (2**32))
     except ImportError:
         pass
-
-
-def set_threads(n: int) -> None:
-    if n and n > 0:
-        torch.set_num_threads(n)
-
-
-def placed_threads(requested: int, num_workers: int, device: torch.device, cores: int | None = None,
-                   local_procs: int | None = None) -> int:
-    """Intra-op threads for a training process; 0 = leave torch's default. ``requested`` > 0 wins. Otherwise, on
-    CPU, the cores left after every process's loader workers: ``max(1, cores // local_procs - num_workers)``, so
-    trainer threads + workers never exceed the cores (2 threads + 2 workers on 2 cores stalled steps by seconds
-    under load: bench/bench_train.py). ``cores``: this process's CPU affinity; ``local_procs``: processes on
-    this node (``LOCAL_WORLD_SIZE``, 1 without torchrun). On CUDA the workers feed the GPU: torch's default."""
-    if requested and requested > 0:
-        return int(requested)
-    if device.type != "cpu":
-        return 0
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if local_procs is None:
-        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, cores // max(1, local_procs) - max(0, int(num_workers)))
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -324,9 +300,9 @@ def setup_run(cfg, env: DistEnv, build_model: Callable[[], nn.Module]) -> Run:
     from vlm.checkpoint import load_training_state
 
     check_common(cfg)
-    set_threads(placed_threads(cfg.train.threads, getattr(getattr(cfg, "data", None), "num_workers", 0) or 0,
-                               env.device))
+    threads_note = place_threads(cfg.train.threads, env.device)
     run_dir, ckpt_root, resume, config_yaml, notes = open_run_dir(cfg, env)
+    notes = [*notes, *([threads_note] if threads_note else [])]
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = build_model()
     if cfg.train.grad_checkpointing:
