@@ -30,6 +30,7 @@ the step including data wait), we log ``samples_per_s`` over the time since the 
 data wait and logging). The first ``--skip`` steps (start-up, worker spin-up) are dropped and a run's samples/s
 = batch / median(step time) over the rest. The two programs alternate (ABBA) for ``--rounds`` rounds; each
 round gives one ratio ours/open_clip, and the row reports the median ratio and its spread (never a best-of).
+``--plot-dir``: ``train.png``, step time and the trainer process's peak RSS against the batch size (equal row).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import Report, add_protocol_args, interleave, ratio_row  # noqa: E402
+from common import Report, add_protocol_args, interleave, plot_growth, ratio_row  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -95,6 +96,18 @@ def arch_config(args, out: Path) -> tuple[str, dict | None]:
     return str(path), cfg
 
 
+def run_measured(cmd: list[str], env: dict, cwd: str) -> tuple[int, str, float, float]:
+    """``cmd`` in a child process -> (exit code, stdout + stderr, wall seconds, the child's peak RSS in MiB from
+    ``os.wait4``: the trainer process itself, not its loader workers)."""
+    t0 = time.time()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+    text = p.stdout.read()
+    p.stdout.close()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, text, time.time() - t0, usage.ru_maxrss / 1024
+
+
 def build_shards(out: Path, n: int, size: int) -> str:
     sys.path.insert(0, str(ROOT))
     from vlm.data_recipes.demo import build_demo
@@ -103,7 +116,8 @@ def build_shards(out: Path, n: int, size: int) -> str:
     return demo.train_spec
 
 
-def run_open_clip(args, shards: str, n_samples: int, logs: Path, cfg_path: str, setting: str) -> tuple[list[float], float]:
+def run_open_clip(args, shards: str, n_samples: int, logs: Path, cfg_path: str, setting: str
+                  ) -> tuple[list[float], float, float]:
     """``setting`` "equal": fused AdamW, no random crop, --workers/threads as ours; "defaults": open_clip_train as
     shipped (its AdamW, its train augmentation, its default 4 workers, torch's default threads)."""
     threads = args.threads if setting == "equal" else torch_default_threads()
@@ -118,14 +132,11 @@ def run_open_clip(args, shards: str, n_samples: int, logs: Path, cfg_path: str, 
            "--log-every-n-steps", "1", "--logs", str(logs), "--name", f"oc-{os.getpid()}-{int(time.time())}", "--report-to", "",
            "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-    t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(logs.parent))
-    wall = time.time() - t0
-    text = r.stdout + r.stderr
-    if r.returncode != 0:
-        raise SystemExit(f"open_clip_train failed (exit {r.returncode}):\n{text[-4000:]}")
+    code, text, wall, peak = run_measured(cmd, env, str(logs.parent))
+    if code != 0:
+        raise SystemExit(f"open_clip_train failed (exit {code}):\n{text[-4000:]}")
     times = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+)", text)]
-    return times, wall
+    return times, wall, peak
 
 
 def our_config(args, shards: str, run_dir: Path, model_cfg: dict | None, setting: str = "equal") -> list[str]:
@@ -146,7 +157,8 @@ def our_config(args, shards: str, run_dir: Path, model_cfg: dict | None, setting
     ]
 
 
-def run_ours(args, shards: str, run_dir: Path, model_cfg: dict | None, setting: str) -> tuple[list[float], float]:
+def run_ours(args, shards: str, run_dir: Path, model_cfg: dict | None, setting: str
+             ) -> tuple[list[float], float, float]:
     cfg = ROOT / "train" / "configs" / "pretrain_openclip_vit_s32.yaml"
     cmd = [sys.executable, "-m", "vlm", "train", str(cfg), *our_config(args, shards, run_dir, model_cfg, setting)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -154,14 +166,12 @@ def run_ours(args, shards: str, run_dir: Path, model_cfg: dict | None, setting: 
     if setting == "equal":
         env["OMP_NUM_THREADS"] = str(args.threads)
     shutil.rmtree(run_dir, ignore_errors=True)
-    t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
-    wall = time.time() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"vlm train failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-4000:]}")
+    code, text, wall, peak = run_measured(cmd, env, str(ROOT))
+    if code != 0:
+        raise SystemExit(f"vlm train failed (exit {code}):\n{text[-4000:]}")
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     times = [args.batch_size / r["samples_per_s"] for r in recs if "samples_per_s" in r]
-    return times, wall
+    return times, wall, peak
 
 
 ABLATIONS = {  # row -> (overrides with the option on, overrides with it off), on the demo recipe's own towers
@@ -262,8 +272,33 @@ def main(argv=None) -> int:
         rep.add(ratio_row("train", f"{name} on vs off, batch {args.batch_size}, resnet10t + ngram:text",
                           res["on"], res["off"], unit="samples/s", higher_is_better=True, setting="ours vs ours",
                           peer_name=f"ours, {name} off", note="median step, pretrain_demo towers"))
+    if args.plot_dir:
+        path = growth_plot(args, out, cfg_path, model_cfg)
+        if path:
+            rep.plots.append(path)
     rep.finish(args.json)
     return 0
+
+
+def growth_plot(args, out: Path, cfg_path: str, model_cfg: dict | None) -> str | None:
+    """``train.png``: median step time and the trainer process's peak RSS against the batch size, both programs
+    at the equal settings, one run each per size (fewer steps than the rows)."""
+    batches = [8, 16, 32] if args.quick else [8, 16, 32, 64]
+    g = argparse.Namespace(**{**vars(args), "steps": 4 if args.quick else 8, "skip": 2})
+    n = max(batches) * (g.steps + g.skip)
+    shards = build_shards(out / "shards_growth", n, args.image_size)
+    series = {"vlm train": ([], [], []), "open_clip_train": ([], [], [])}
+    for b in batches:
+        g.batch_size = b
+        for name, run in (("vlm train", lambda: run_ours(g, shards, out / "ours", model_cfg, "equal")),
+                          ("open_clip_train", lambda: run_open_clip(g, shards, b * (g.steps + g.skip),
+                                                                    out / "oc_logs", cfg_path, "equal"))):
+            times, _, peak = run()
+            series[name][0].append(b)
+            series[name][1].append(b / _rate(g, times))
+            series[name][2].append(peak)
+    return plot_growth(os.path.join(args.plot_dir, "train.png"), f"pretraining step, {args.model} @ "
+                       f"{args.image_size}px, equal settings (trainer peak RSS)", "batch size", series)
 
 
 if __name__ == "__main__":
