@@ -61,3 +61,38 @@ def test_corrupt_body_is_skipped_not_raised():
         assert x.shape == (3, 16, 16)  # libjpeg may recover, as PIL would
     except D.SampleSkipped as e:
         assert e.reason in ("corrupt_image", "truncated_image")
+
+
+def test_jpeg_header_agrees_with_pil():
+    """The start-of-frame walk that lets the fast path skip PIL.Image.open: PIL's size for 3-component JPEGs
+    (baseline, progressive, with EXIF/ICC segments before the frame), None for anything PIL must judge."""
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 255, (37, 61, 3), dtype=np.uint8)
+    for kw in ({}, {"progressive": True}, {"exif": b"Exif\x00\x00" + b"\x00" * 300}, {"icc_profile": b"x" * 3000}):
+        b = io.BytesIO()
+        Image.fromarray(arr).save(b, "JPEG", quality=90, **kw)
+        data = b.getvalue()
+        assert D._jpeg_header(data) == (61, 37, 3), kw
+    cmyk = io.BytesIO()
+    Image.fromarray(arr).convert("CMYK").save(cmyk, "JPEG")
+    png = io.BytesIO()
+    Image.fromarray(arr).save(png, "PNG")
+    good = _jpeg(20, 20)
+    for data in (_jpeg(20, 20, mode="L"), cmyk.getvalue(), png.getvalue(), good[:12], b"\xff\xd8" + b"\x00" * 50,
+                 b"", b"\xff\xd8\xff\xe0\x00\x01"):
+        assert D._jpeg_header(data) is None
+
+
+def test_header_path_keeps_the_limits_and_skip_reasons():
+    data = _jpeg(40, 52)
+    with pytest.raises(D.SampleSkipped) as e:
+        D.decode_image(data, 16, max_pixels=40 * 52 - 1)  # checked from the header, before any pixel
+    assert e.value.reason == "image_too_large"
+    # a frame header that lies about the size: the decoded image disagrees, so PIL's path judges the bytes
+    i = data.index(b"\xff\xc0")
+    lying = data[:i + 5] + (41).to_bytes(2, "big") + data[i + 7:]
+    try:
+        x = D.decode_image(lying, 16)
+        assert x.shape == (3, 16, 16)
+    except D.SampleSkipped as e:
+        assert e.reason in ("corrupt_image", "truncated_image")
