@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-images", type=int, default=3000, help="demo training images (default 3000)")
     parser.add_argument("--val-images", type=int, default=500, help="held-out images (default 500)")
     parser.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: the cores no other program keeps busy at start)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default 0: the cores no other program keeps busy at start)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (CI): few steps, little data")
     parser.add_argument("--fresh", action="store_true", help="ignore an earlier run in OUT and train anew")
     parser.add_argument("--vlm-steps", type=int, default=None, help="vision-LLM fine-tuning steps (default: its config's)")
