@@ -20,7 +20,8 @@ Both run in this process, timed from the command line's arguments to the written
 Repeats are interleaved (peer, ours, ours-torchvision, rotating the order each round); the output gives the
 median and the spread (min..max) of each, the ratios peer/ours (>1 = ours faster) in wall time and in this
 process's CPU time (less sensitive to other load), the load average before and after, and the clip_benchmark
-version. The machine is shared: expect +-20 % noise or worse.
+version. The machine is shared: expect +-20 % noise or worse. With ``--plot-dir``, ``clip_benchmark.png``: wall
+time and peak RSS of ours (its pixels) and clip_benchmark against the number of languages (the first 1, 2, ..).
 
     python bench/bench_clip_benchmark.py [--langs om,xh,ha] [--per-class 2] [--repeats 3]
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -43,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Report, add_protocol_args, ratio_row  # noqa: E402
+from common import Report, add_protocol_args, plot_growth, ratio_row  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -124,6 +126,47 @@ def run_ours(env: dict, langs: list[str], out: str, batch_size: int, impl: str) 
     return {lang: per[lang]["top1"] for lang in langs}
 
 
+def measured(fn, out: str) -> tuple[dict, float, float, float | None]:
+    """``fn(out)`` -> (its result, wall s, this process's CPU s, peak RSS MiB during the call: Linux's VmHWM,
+    first lowered to the current RSS via ``/proc/self/clear_refs``, so it includes what the process holds;
+    None where that is not available)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    t, c = time.perf_counter(), time.process_time()
+    res = fn(out)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak = None
+    return res, wall, cpu, peak
+
+
+def growth(env: dict, langs: list[str], args, tmp: str, times: dict, peaks: dict) -> dict:
+    """The plot's series {side: (languages, median s, max peak MiB)} of ours (its pixels) and the peer on the
+    first 1, 2, .. languages: all of them is the rows' runs (``times``, ``peaks``); fewer run here, the order
+    alternating per round (one round under --quick, else --repeats)."""
+    runs = {"ours-torchvision": lambda ls, o: run_ours(env, ls, o, args.batch_size, "torchvision"),
+            "peer": lambda ls, o: run_peer(env, ls, o, args.batch_size)}
+    series = {k: ([], [], []) for k in runs}
+    for n in range(1, len(langs) + 1):
+        t, m = (times, peaks) if n == len(langs) else ({k: [] for k in runs}, {k: [] for k in runs})
+        for r in range(0 if n == len(langs) else 1 if args.quick else args.repeats):
+            for k in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+                _, wall, _, peak = measured(functools.partial(runs[k], langs[:n]), tempfile.mkdtemp(dir=tmp))
+                t[k].append(wall)
+                m[k].append(peak)
+        for k in runs:
+            series[k][0].append(n)
+            series[k][1].append(statistics.median(t[k]))
+            series[k][2].append(None if None in m[k] else max(m[k]))
+    return {"vlm eval zeroshot": series["ours-torchvision"], "clip_benchmark": series["peer"]}
+
+
 def main(argv=None) -> int:
     import importlib.metadata as md
 
@@ -162,15 +205,17 @@ def main(argv=None) -> int:
         names = list(runners)
         times = {k: [] for k in names}
         cpu = {k: [] for k in names}
+        peaks = {k: [] for k in names}
         top1 = {}
         for r in range(args.repeats):
             for k in names[r % 3:] + names[:r % 3]:
                 out = os.path.join(tmp, f"out_{k}_{r}")
                 os.makedirs(out)
-                t, c = time.perf_counter(), time.process_time()
-                top1[k] = runners[k](out)
-                times[k].append(time.perf_counter() - t)
-                cpu[k].append(time.process_time() - c)
+                top1[k], wall, c, peak = measured(runners[k], out)
+                times[k].append(wall)
+                cpu[k].append(c)
+                peaks[k].append(peak)
+        series = growth(env, langs, args, tmp, times, peaks) if args.plot_dir else None
     load1 = os.getloadavg()
     print(f"clip_benchmark {peer_version}, vlm eval zeroshot; fp32, CPU; load average before "
           f"{load0[0]:.2f} {load0[1]:.2f}, after {load1[0]:.2f} {load1[1]:.2f} (1/5 min)")
@@ -194,6 +239,12 @@ def main(argv=None) -> int:
                           times["peer"], unit="s", higher_is_better=False, setting=setting, peer_name="clip_benchmark",
                           peer_version=peer_version, note=("its pixels (--preprocess torchvision), same top-1: "
                                                            f"{same}") if k != "ours" else "our loader's pixels"))
+    if series:
+        path = plot_growth(os.path.join(args.plot_dir, "clip_benchmark.png"), f"zero-shot eval, {args.per_class} "
+                           "images/class, fp32 (peak RSS of this process per run, incl. what it holds)", "languages",
+                           series, logx=False)
+        if path:
+            rep.plots.append(path)
     rep.finish(args.json)
     return 0 if same else 2
 

@@ -16,12 +16,15 @@ random weights (the timing does not depend on the weights): the teacher of ``pre
 (ResNet-10t at 64 px + n-gram text tower width 128 / 2^17 buckets) and the students of
 ``distill_demo.yaml`` / ``distill_text_demo.yaml``, on random images and the demo's captions.
 
-    python bench/bench_distill.py [--demo vlm_demo] [--rounds 7] [--quick] [--json out.json]
+``--plot-dir DIR`` draws ``distill.png``: image-encoding time and traced allocator peak against the batch size.
+
+    python bench/bench_distill.py [--demo vlm_demo] [--rounds 7] [--quick] [--json out.json] [--plot-dir DIR]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -29,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Report, add_protocol_args, interleave, ratio_row  # noqa: E402
+from common import Report, add_protocol_args, interleave, plot_growth, ratio_row, timed, traced_peak_mib  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -122,6 +125,21 @@ def main(argv=None) -> int:
         rep.add(ratio_row("distill", f"dho image student ({dho.config.tower}, {dho.image_preprocess.image_size} px) "
                           f"vs teacher image side ({teacher.image_preprocess.image_size} px)", res["student"],
                           res["teacher"], unit="images/s", higher_is_better=True, peer_name="teacher encode_image"))
+        if args.plot_dir:
+            sizes = [b for b in (8, 16, 32, 64) if b <= min(s_px[0].shape[0], t_px[0].shape[0])]
+            series = {"DHO student": (sizes, [], []), "teacher encode_image": (sizes, [], [])}
+            for b in sizes:
+                fns = dict(zip(series, (lambda b=b: dho(s_px[0][:b]), lambda b=b: teacher.encode_image(t_px[0][:b]))))
+                res = interleave({side: timed(fn) for side, fn in fns.items()}, rounds, warmup=1)
+                for side, fn in fns.items():
+                    series[side][1].append(statistics.median(res[side]))
+                    series[side][2].append(traced_peak_mib(fn))
+            path = plot_growth(os.path.join(args.plot_dir, "distill.png"), f"image encoding: DHO student "
+                               f"({dho.config.tower}, {dho.image_preprocess.image_size} px) vs teacher image side "
+                               f"({teacher.image_preprocess.image_size} px), {torch.get_num_threads()} thread(s)",
+                               "batch size", series)
+            if path:
+                rep.plots.append(path)
 
         from vlm.data_recipes.demo import all_captions
 

@@ -14,11 +14,13 @@ given size, a tiny ViT tower and an MLP projector) and agree on the result (chec
 Rounds are interleaved ABBA (``bench/common.py``, the protocol ``bench/run_all.py`` collects), each timed pass
 covers all items in batches of 32 under ``torch.inference_mode``; each row is the median of the per-round
 ratios ours / transformers of items/s (> 1 = faster) with its spread.
+``--plot-dir DIR`` draws ``embedder.png``: text-embedding time and traced allocator peak against the number of texts.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -28,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import Report, add_protocol_args, interleave, ratio_row  # noqa: E402
+from common import Report, add_protocol_args, interleave, plot_growth, ratio_row, timed, traced_peak_mib  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -64,14 +66,14 @@ def main(argv=None) -> int:
     pixels = torch.randint(0, 255, (a.images, 3, 32, 32), dtype=torch.uint8, generator=g)
     B = a.batch
 
-    def ours_text():
-        return torch.cat([emb.encode_text(enc["input_ids"][s:s + B], enc["attention_mask"][s:s + B])
-                          for s in range(0, a.texts, B)])
+    def ours_text(n: int = a.texts):
+        ids, mask = enc["input_ids"][:n], enc["attention_mask"][:n]
+        return torch.cat([emb.encode_text(ids[s:s + B], mask[s:s + B]) for s in range(0, n, B)])
 
-    def hf_text():
+    def hf_text(n: int = a.texts):
         outs = []
-        for s in range(0, a.texts, B):
-            ids, mask = enc["input_ids"][s:s + B], enc["attention_mask"][s:s + B]
+        for s in range(0, n, B):
+            ids, mask = enc["input_ids"][s:min(s + B, n)], enc["attention_mask"][s:min(s + B, n)]
             h = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
             last = mask.sum(1) - 1  # right padding
             outs.append(F.normalize(h[torch.arange(h.shape[0]), last].float(), dim=-1))
@@ -109,6 +111,20 @@ def main(argv=None) -> int:
         report.add(ratio_row("embedder", f"embed {n} {name}", res["ours"], res["hf"], unit=f"{name}/s",
                              higher_is_better=True, peer_name="transformers LlamaForCausalLM hidden_states",
                              peer_version=report.env["versions"]["transformers"], metric=f"{name}/s", note=note))
+    if a.plot_dir:
+        sizes = [n for n in (16, 32, 64, 128) if n <= a.texts]
+        series = {"vlm Embedder": (sizes, [], []), "transformers LlamaForCausalLM": (sizes, [], [])}
+        with torch.inference_mode():
+            for n in sizes:
+                fns = dict(zip(series, (lambda n=n: ours_text(n), lambda n=n: hf_text(n))))
+                res = interleave({side: timed(fn) for side, fn in fns.items()}, a.repeats, warmup=1)
+                for side, fn in fns.items():
+                    series[side][1].append(statistics.median(res[side]))
+                    series[side][2].append(traced_peak_mib(fn))
+        path = plot_growth(os.path.join(a.plot_dir, "embedder.png"), f"text embedding, llama hidden {a.hidden}, "
+                           f"{a.layers} layers, batch {B}, {a.threads} thread(s)", "texts", series)
+        if path:
+            report.plots.append(path)
     report.finish(a.json)
     return 0
 

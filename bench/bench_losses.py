@@ -48,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Report, add_protocol_args, info_row, plot_growth, ratio_row  # noqa: E402
+from common import Report, add_protocol_args, info_row, plot_growth, ratio_row, traced_peak_mib  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -97,24 +97,6 @@ def make_losses(name, rank, world, b, args):
         return (GroupedClipLoss(group_size=g, **kw),
                 oc.ClipLoss(local_loss=True, gather_with_grad=True, **dist_kw), 2 * b * g * b, 1)
     raise ValueError(name)
-
-
-def peak_bytes(fn) -> int:
-    """Peak of live bytes allocated during ``fn()`` (profiler allocation events, replayed in order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    try:
-        events = prof.profiler.kineto_results.events()
-        mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    except AttributeError:  # older/newer profiler layout: per-op attribution, an upper bound
-        mem = [(e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]"]
-    cur = peak = 0
-    for _, nbytes in mem:
-        cur += nbytes
-        peak = max(peak, cur)
-    return peak
 
 
 def _barrier(world):
@@ -187,7 +169,7 @@ def run_world(rank, world, args):
             for k, (clear, step) in sides.items():
                 clear()
                 _barrier(world)
-                mem[k] = peak_bytes(step) / 2**20
+                mem[k] = traced_peak_mib(step)
             gathered = ours.comm.all_gather + ours.comm.p2p
             times = {k: [] for k in sides}
             for r in range(args.rounds):

@@ -9,48 +9,70 @@ commitment loss, training mode (assignment + EMA update + straight-through), for
 ``out.sum() + commit``. Runs are interleaved ABBA after a warm-up (``bench/common.py``, the protocol
 ``bench/run_all.py`` collects); each row is the median of the per-round ratios theirs / ours of the time with
 its spread. The tokenizer's encode / decode images/s are rows without a peer (no library has this tokenizer).
+``--plot-dir DIR`` draws ``quantizer.png``: train-step time and traced allocator peak against N, both quantisers.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import Report, add_protocol_args, info_row, interleave, ratio_row, timed  # noqa: E402
+from common import (Report, add_protocol_args, info_row, interleave, plot_growth, ratio_row, timed,  # noqa: E402
+                    traced_peak_mib)
 
 BENCH_PROTOCOL = 1
 
 
-def quantizer_rows(sizes, repeats: int):
+def train_steps(n: int, k: int, depth: int):
+    """(ours, vector-quantize-pytorch's) train step on the same N x 32 latents: forward + backward of
+    ``out.sum() + commit``."""
     from vector_quantize_pytorch import ResidualVQ as LibRVQ
 
     from vlm.quant import ResidualVQ
 
+    torch.manual_seed(0)
+    ours = ResidualVQ(32, k, depth, decay=0.99, eps=1e-5, dead_threshold=1.0).train()
+    lib = LibRVQ(dim=32, num_quantizers=depth, codebook_size=k, shared_codebook=True, decay=0.99, eps=1e-5,
+                 threshold_ema_dead_code=1, kmeans_init=False, commitment_weight=1.0).train()
+    z = torch.randn(1, n, 32, requires_grad=True)
+
+    def run_ours():
+        out, _, aux = ours(z)
+        (out.sum() + aux["commit_loss"]).backward()
+
+    def run_lib():
+        out, _, commit = lib(z)
+        (out.sum() + commit.sum()).backward()
+
+    return run_ours, run_lib
+
+
+def quantizer_rows(sizes, repeats: int):
     rows = []
     for n, k, depth in sizes:
-        torch.manual_seed(0)
-        ours = ResidualVQ(32, k, depth, decay=0.99, eps=1e-5, dead_threshold=1.0).train()
-        lib = LibRVQ(dim=32, num_quantizers=depth, codebook_size=k, shared_codebook=True, decay=0.99, eps=1e-5,
-                     threshold_ema_dead_code=1, kmeans_init=False, commitment_weight=1.0).train()
-        z = torch.randn(1, n, 32, requires_grad=True)
-
-        def run_ours():
-            out, _, aux = ours(z)
-            (out.sum() + aux["commit_loss"]).backward()
-
-        def run_lib():
-            out, _, commit = lib(z)
-            (out.sum() + commit.sum()).backward()
-
+        run_ours, run_lib = train_steps(n, k, depth)
         res = interleave({"ours": timed(run_ours), "lib": timed(run_lib)}, repeats, warmup=1)
         rows.append((f"N={n} K={k} depth={depth}", res["ours"], res["lib"]))
     return rows
+
+
+def growth_series(ns, k: int, depth: int, repeats: int) -> dict[str, tuple[list, list, list]]:
+    """``plot_growth``'s series of the train step against N: per side the median seconds of ``repeats``
+    interleaved rounds and the traced allocator peak (MiB) of one step."""
+    series = {"vlm ResidualVQ": (list(ns), [], []), "vector-quantize-pytorch ResidualVQ": (list(ns), [], [])}
+    for n in ns:
+        steps = dict(zip(series, train_steps(n, k, depth)))
+        res = interleave({side: timed(fn) for side, fn in steps.items()}, repeats, warmup=1)
+        for side, fn in steps.items():
+            series[side][1].append(statistics.median(res[side]))
+            series[side][2].append(traced_peak_mib(fn))
+    return series
 
 
 def tokenizer_rows(repeats: int, batch: int = 16):
@@ -86,6 +108,14 @@ def main(argv=None) -> int:
                              note="forward + backward, EMA update, shared codebook"))
     for name, ips in tokenizer_rows(args.repeats):
         report.add(info_row("quantizer", f"dualtoken:tiny:vit {name}, 32 px, batch 16", ips, unit="images/s"))
+    if args.plot_dir:
+        k, depth = sizes[0][1:]
+        ns = (1024, 2048, 4096, 8192)
+        path = plot_growth(os.path.join(args.plot_dir, "quantizer.png"), f"residual VQ train step (fwd+bwd), K={k}, "
+                           f"depth {depth}, dim 32, {args.threads} thread(s)", "N (latent vectors)",
+                           growth_series(ns, k, depth, 2 if args.quick else args.repeats))
+        if path:
+            report.plots.append(path)
     report.finish(args.json)
     return 0
 

@@ -10,11 +10,13 @@ model is the demo's shape: a tokenizer with an 8x8 grid (64 image positions, dep
 2-layer 96-wide Llama, random weights (speed does not depend on training). Rounds are interleaved ABBA
 (``bench/common.py``); the row is the median ratio cached/uncached of images/s with its spread; a second
 row does the same with classifier-free guidance (scale 3: the unconditional rows run in the same batch).
+``--plot-dir DIR`` draws ``t2i.png``: greedy generate time and traced allocator peak against the image positions.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import Report, add_protocol_args, interleave, ratio_row  # noqa: E402
+from common import Report, add_protocol_args, interleave, plot_growth, ratio_row, timed, traced_peak_mib  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -39,6 +41,22 @@ def build_model(grid_patch: int = 4):
                     llm="tiny:llama", llm_cfg=dict(hidden_size=96, num_layers=2, num_heads=4),
                     trainable={"llm": "full"}, head_width=96, head_layers=2)
     return TextToImage(cfg).eval()
+
+
+def growth_series(grid_patches, prompts: list[str], sampling, rounds: int) -> dict[str, tuple[list, list, list]]:
+    """``plot_growth``'s series of ``generate`` against the image positions (one model per patch size of the
+    32 px grid): per side the median seconds of ``rounds`` interleaved rounds and the traced allocator peak."""
+    series = {"KV cache": ([], [], []), "no cache (recompute)": ([], [], [])}
+    for patch in grid_patches:
+        model = build_model(patch)
+        fns = {side: lambda c=c: model.generate(prompts, "en", sampling=sampling, use_cache=c)
+               for side, c in zip(series, (True, False))}
+        res = interleave({side: timed(fn) for side, fn in fns.items()}, rounds, warmup=1)
+        for side, fn in fns.items():
+            series[side][0].append(model.num_tokens)
+            series[side][1].append(statistics.median(res[side]))
+            series[side][2].append(traced_peak_mib(fn))
+    return series
 
 
 def main(argv=None) -> int:
@@ -73,6 +91,13 @@ def main(argv=None) -> int:
                              res["cache"], res["no_cache"], unit="images/s", higher_is_better=True,
                              peer_name="no KV cache (recompute)", metric="images/s",
                              note="same model, prompts and codes; ratio = with cache / without"))
+    if args.plot_dir:
+        patches = (16, 8, 4) if args.quick else (16, 8, 4, 2)
+        series = growth_series(patches, prompts, Sampling(temperature=0), args.rounds)
+        path = plot_growth(os.path.join(args.plot_dir, "t2i.png"), f"t2i generate against image positions "
+                           f"(batch {args.batch} fixed), greedy, {args.threads} thread(s)", "image positions", series)
+        if path:
+            report.plots.append(path)
     report.finish(args.json)
     return 0
 

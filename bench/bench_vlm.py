@@ -19,6 +19,8 @@ BLIP-2 state dict, and a copy of its OPT as the LLM. The script first checks bot
 * a training step (forward + backward + AdamW; vision tower frozen, Q-Former + projection + LLM trained)
   at batch ``--batch`` on the same prompt + caption batch.
 
+With ``--plot-dir``, ``vlm.png``: batch-1 generation time and allocator peak against 4..32 new tokens, both sides.
+
 Output: one line per measurement with ours, theirs and the ratio ours/theirs (>1 = we are faster; for
 time per step the ratio is theirs/ours). The median of ``--repeats`` timings is used. The machine may be
 shared: numbers are noisy, compare within one run.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 from torch import nn
 
-from common import Report, add_protocol_args, interleave, ratio_row, timed  # noqa: E402
+from common import (Report, add_protocol_args, interleave, plot_growth, ratio_row, timed,  # noqa: E402
+                    traced_peak_mib)
 
 BENCH_PROTOCOL = 1
 
@@ -113,9 +117,8 @@ def check_parity(theirs, ours) -> float:
     return float((a - b).abs().max())
 
 
-def bench_generate(theirs, ours, batch: int, new_tokens: int, rounds: int,
-                   theirs_inference_mode: bool = False) -> tuple[list[float], list[float]]:
-    """-> per-round seconds (ours, theirs), ABBA-interleaved after one warm-up each."""
+def generate_fns(theirs, ours, batch: int, new_tokens: int, theirs_inference_mode: bool = False):
+    """-> (run_ours, run_theirs): each one greedy ``generate`` of exactly ``new_tokens`` tokens per prompt."""
     pixels, enc = inputs(ours, batch, False)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True)
     # transformers' generate runs under torch.no_grad (its own decorator); ours under torch.inference_mode
@@ -130,8 +133,31 @@ def bench_generate(theirs, ours, batch: int, new_tokens: int, rounds: int,
     def run_ours():
         ours.generate(pixels, prompts=["A short image caption in English:"] * batch, lang="en", **kw)
 
+    return run_ours, run_theirs
+
+
+def bench_generate(theirs, ours, batch: int, new_tokens: int, rounds: int,
+                   theirs_inference_mode: bool = False) -> tuple[list[float], list[float]]:
+    """-> per-round seconds (ours, theirs), ABBA-interleaved after one warm-up each."""
+    run_ours, run_theirs = generate_fns(theirs, ours, batch, new_tokens, theirs_inference_mode)
     res = interleave({"ours": timed(run_ours), "theirs": timed(run_theirs)}, rounds, warmup=1)
     return res["ours"], res["theirs"]
+
+
+def plot_generate(rep, args, theirs, ours, sizes=(4, 8, 16, 32)) -> None:
+    """``vlm.png``: batch-1 generation time (median of ``--rounds``, the "equal" setting: both under
+    ``inference_mode``) and the allocator peak of one call, against the number of new tokens."""
+    series = {"vlm VisionLLM": ([], [], []), "transformers Blip2": ([], [], [])}
+    for n in sizes:
+        o, t = bench_generate(theirs, ours, 1, n, args.rounds, theirs_inference_mode=True)
+        for name, secs, fn in zip(series, (o, t), generate_fns(theirs, ours, 1, n, theirs_inference_mode=True)):
+            series[name][0].append(n)
+            series[name][1].append(statistics.median(secs))
+            series[name][2].append(traced_peak_mib(fn))
+    path = plot_growth(os.path.join(args.plot_dir, "vlm.png"), f"greedy generate, batch 1, width {args.hidden}, "
+                       "both inference_mode (peak: torch CPU allocator)", "new tokens", series)
+    if path:
+        rep.plots.append(path)
 
 
 def bench_train(theirs, ours, batch: int, rounds: int) -> tuple[list[float], list[float]]:
@@ -163,7 +189,8 @@ def bench_train(theirs, ours, batch: int, rounds: int) -> tuple[list[float], lis
     return res["ours"], res["theirs"]
 
 
-def run_size(rep, args, llm: str, label: str, batches=(1, 8), train=True) -> None:
+def run_size(rep, args, llm: str, label: str, batches=(1, 8), train=True) -> tuple:
+    """The rows of one LLM size; -> its (theirs, ours) pair."""
     theirs, ours = build_pair(args.hidden, args.layers, args.queries, llm=llm)
     n_llm = sum(p.numel() for p in theirs.language_model.parameters())
     print(f"{label}: LLM {llm} ({n_llm / 1e6:.1f}M params); parity: max |logits ours - transformers| = "
@@ -181,6 +208,7 @@ def run_size(rep, args, llm: str, label: str, batches=(1, 8), train=True) -> Non
         o, t = bench_train(theirs, ours, args.batch, args.rounds)
         rep.add(ratio_row("vlm", f"train step {label}, batch {args.batch}", o, t, unit="s", higher_is_better=False,
                           peer_name="transformers Blip2", peer_version=tv, note="fwd+bwd+AdamW"))
+    return theirs, ours
 
 
 def main(argv=None) -> int:
@@ -201,7 +229,9 @@ def main(argv=None) -> int:
     rep = Report(__file__, "transformers")
     print(f"tiny BLIP-2 parts: hidden {args.hidden}, {args.layers} layers, {args.queries} queries; torch threads "
           f"{args.threads}", flush=True)
-    run_size(rep, args, "opt", f"width {args.hidden}")
+    pair = run_size(rep, args, "opt", f"width {args.hidden}")
+    if args.plot_dir:
+        plot_generate(rep, args, *pair)
     if not args.no_135m:
         run_size(rep, args, "smollm2-135m", "135M LLM", batches=(1,) if args.quick else (1, 8), train=not args.quick)
     rep.finish(args.json)

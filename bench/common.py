@@ -235,12 +235,19 @@ def plot_growth(path: str, title: str, xlabel: str, series: dict[str, tuple[list
         pts = [(x, m) for x, m in zip(xs, ms) if m is not None]
         if pts:
             b.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    sizes = sorted({x for xs, _, _ in series.values() for x in xs})
     for ax, yl in ((a, "time (s, median)"), (b, "peak memory (MiB)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(yl)
         if logx:
             ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sizes)  # the measured sizes as plain numbers (log minor labels overlap within a decade)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -261,18 +268,23 @@ def peak_rss_mib() -> float:
 
 def traced_peak_mib(fn: Callable[[], object]) -> float:
     """Peak bytes (MiB) torch's CPU allocator held during ``fn()`` beyond what was live before: the profiler's
-    memory events replayed in time order (torch has no CPU peak counter; tracemalloc does not see it)."""
-    import torch
+    allocation/free events (``[memory]``, +bytes / -bytes) replayed in time order (torch has no CPU peak counter;
+    tracemalloc does not see it). The events come from the profiler's raw kineto results: ``prof.events()``
+    credits an allocation made inside an op to that op, so only the frees stay ``[memory]`` there and the running
+    sum never rises (it measured 0 for every call on torch 2.14)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    try:
+        events = prof.profiler.kineto_results.events()
+        mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except AttributeError:  # another profiler layout: per-op attribution, an upper bound
+        mem = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]")
     cur = peak = 0
-    for e in events:
-        cur += e.cpu_memory_usage
+    for _, nbytes in mem:
+        cur += nbytes
         peak = max(peak, cur)
-    del torch
     return peak / 2**20
 
 
