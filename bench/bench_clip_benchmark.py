@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Report, add_protocol_args, plot_growth, ratio_row  # noqa: E402
+from common import Report, add_protocol_args, ratio_row  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -240,11 +240,9 @@ def main(argv=None) -> int:
                           peer_version=peer_version, note=("its pixels (--preprocess torchvision), same top-1: "
                                                            f"{same}") if k != "ours" else "our loader's pixels"))
     if series:
-        path = plot_growth(os.path.join(args.plot_dir, "clip_benchmark.png"), f"zero-shot eval, {args.per_class} "
-                           "images/class, fp32 (peak RSS of this process per run, incl. what it holds)", "languages",
-                           series, logx=False)
-        if path:
-            rep.plots.append(path)
+        rep.plot(args.plot_dir, "clip_benchmark.png", f"zero-shot eval, {args.per_class} "
+                 "images/class, fp32 (peak RSS of this process per run, incl. what it holds)", "languages",
+                 series, logx=False)
     rep.finish(args.json)
     return 0 if same else 2
 

@@ -44,7 +44,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Report, add_protocol_args, in_child, interleave, plot_growth, ratio_row  # noqa: E402
+from common import Report, add_protocol_args, in_child, interleave, ratio_row  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -263,10 +263,8 @@ def main(argv=None) -> int:
                     series[name][0].append(k)
                     series[name][1].append(k / rate)
                     series[name][2].append(m)
-            path = plot_growth(os.path.join(args.plot_dir, "data.png"), "data streaming, workers=0 (peak RSS)",
-                               "samples", series)
-            if path:
-                rep.plots.append(path)
+            rep.plot(args.plot_dir, "data.png", "data streaming, workers=0 (peak RSS)",
+                     "samples", series)
     rep.finish(args.json)
     return 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Report, add_protocol_args, interleave, plot_growth, ratio_row, timed, traced_peak_mib  # noqa: E402
+from common import Report, add_protocol_args, growth_point, interleave, ratio_row  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -127,19 +126,14 @@ def main(argv=None) -> int:
                           res["teacher"], unit="images/s", higher_is_better=True, peer_name="teacher encode_image"))
         if args.plot_dir:
             sizes = [b for b in (8, 16, 32, 64) if b <= min(s_px[0].shape[0], t_px[0].shape[0])]
-            series = {"DHO student": (sizes, [], []), "teacher encode_image": (sizes, [], [])}
+            series: dict = {}
             for b in sizes:
-                fns = dict(zip(series, (lambda b=b: dho(s_px[0][:b]), lambda b=b: teacher.encode_image(t_px[0][:b]))))
-                res = interleave({side: timed(fn) for side, fn in fns.items()}, rounds, warmup=1)
-                for side, fn in fns.items():
-                    series[side][1].append(statistics.median(res[side]))
-                    series[side][2].append(traced_peak_mib(fn))
-            path = plot_growth(os.path.join(args.plot_dir, "distill.png"), f"image encoding: DHO student "
-                               f"({dho.config.tower}, {dho.image_preprocess.image_size} px) vs teacher image side "
-                               f"({teacher.image_preprocess.image_size} px), {torch.get_num_threads()} thread(s)",
-                               "batch size", series)
-            if path:
-                rep.plots.append(path)
+                growth_point(series, b, {"DHO student": lambda b=b: dho(s_px[0][:b]),
+                                         "teacher encode_image": lambda b=b: teacher.encode_image(t_px[0][:b])}, rounds)
+            rep.plot(args.plot_dir, "distill.png", f"image encoding: DHO student "
+                     f"({dho.config.tower}, {dho.image_preprocess.image_size} px) vs teacher image side "
+                     f"({teacher.image_preprocess.image_size} px), {torch.get_num_threads()} thread(s)",
+                     "batch size", series)
 
         from vlm.data_recipes.demo import all_captions
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -30,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import Report, add_protocol_args, interleave, plot_growth, ratio_row, timed, traced_peak_mib  # noqa: E402
+from common import Report, add_protocol_args, growth_point, interleave, ratio_row  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -113,18 +112,13 @@ def main(argv=None) -> int:
                              peer_version=report.env["versions"]["transformers"], metric=f"{name}/s", note=note))
     if a.plot_dir:
         sizes = [n for n in (16, 32, 64, 128) if n <= a.texts]
-        series = {"vlm Embedder": (sizes, [], []), "transformers LlamaForCausalLM": (sizes, [], [])}
+        series: dict = {}
         with torch.inference_mode():
             for n in sizes:
-                fns = dict(zip(series, (lambda n=n: ours_text(n), lambda n=n: hf_text(n))))
-                res = interleave({side: timed(fn) for side, fn in fns.items()}, a.repeats, warmup=1)
-                for side, fn in fns.items():
-                    series[side][1].append(statistics.median(res[side]))
-                    series[side][2].append(traced_peak_mib(fn))
-        path = plot_growth(os.path.join(a.plot_dir, "embedder.png"), f"text embedding, llama hidden {a.hidden}, "
-                           f"{a.layers} layers, batch {B}, {a.threads} thread(s)", "texts", series)
-        if path:
-            report.plots.append(path)
+                growth_point(series, n, {"vlm Embedder": lambda n=n: ours_text(n),
+                                         "transformers LlamaForCausalLM": lambda n=n: hf_text(n)}, a.repeats)
+        report.plot(a.plot_dir, "embedder.png", f"text embedding, llama hidden {a.hidden}, "
+                    f"{a.layers} layers, batch {B}, {a.threads} thread(s)", "texts", series)
     report.finish(a.json)
     return 0
 

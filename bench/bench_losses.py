@@ -48,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Report, add_protocol_args, info_row, plot_growth, ratio_row, traced_peak_mib  # noqa: E402
+from common import Report, add_protocol_args, info_row, ratio_row, traced_peak_mib  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -267,10 +267,8 @@ def main(argv=None) -> int:
             pts = [r for r in rows if r["loss"] == "clip" and r["world"] == 1 and r[f"{key}_times"]]
             series[side] = ([r["batch"] for r in pts], [statistics.median(r[f"{key}_times"]) for r in pts],
                             [r[f"{key}_mib"] for r in pts])
-        path = plot_growth(os.path.join(args.plot_dir, "losses.png"), "contrastive loss fwd+bwd, W=1, E="
-                           f"{args.dim}", "global batch", series)
-        if path:
-            rep.plots.append(path)
+        rep.plot(args.plot_dir, "losses.png", "contrastive loss fwd+bwd, W=1, E="
+                 f"{args.dim}", "global batch", series)
     rep.finish(args.json)
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -23,8 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (Report, add_protocol_args, info_row, interleave, plot_growth, ratio_row, timed,  # noqa: E402
-                    traced_peak_mib)
+from common import Report, add_protocol_args, growth_point, info_row, interleave, ratio_row, timed  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -65,13 +63,10 @@ def quantizer_rows(sizes, repeats: int):
 def growth_series(ns, k: int, depth: int, repeats: int) -> dict[str, tuple[list, list, list]]:
     """``plot_growth``'s series of the train step against N: per side the median seconds of ``repeats``
     interleaved rounds and the traced allocator peak (MiB) of one step."""
-    series = {"vlm ResidualVQ": (list(ns), [], []), "vector-quantize-pytorch ResidualVQ": (list(ns), [], [])}
+    series: dict = {}
     for n in ns:
-        steps = dict(zip(series, train_steps(n, k, depth)))
-        res = interleave({side: timed(fn) for side, fn in steps.items()}, repeats, warmup=1)
-        for side, fn in steps.items():
-            series[side][1].append(statistics.median(res[side]))
-            series[side][2].append(traced_peak_mib(fn))
+        growth_point(series, n, dict(zip(("vlm ResidualVQ", "vector-quantize-pytorch ResidualVQ"),
+                                         train_steps(n, k, depth))), repeats)
     return series
 
 
@@ -111,11 +106,9 @@ def main(argv=None) -> int:
     if args.plot_dir:
         k, depth = sizes[0][1:]
         ns = (1024, 2048, 4096, 8192)
-        path = plot_growth(os.path.join(args.plot_dir, "quantizer.png"), f"residual VQ train step (fwd+bwd), K={k}, "
-                           f"depth {depth}, dim 32, {args.threads} thread(s)", "N (latent vectors)",
-                           growth_series(ns, k, depth, 2 if args.quick else args.repeats))
-        if path:
-            report.plots.append(path)
+        report.plot(args.plot_dir, "quantizer.png", f"residual VQ train step (fwd+bwd), K={k}, "
+                    f"depth {depth}, dim 32, {args.threads} thread(s)", "N (latent vectors)",
+                    growth_series(ns, k, depth, 2 if args.quick else args.repeats))
     report.finish(args.json)
     return 0
 

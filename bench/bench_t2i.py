@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import Report, add_protocol_args, interleave, plot_growth, ratio_row, timed, traced_peak_mib  # noqa: E402
+from common import Report, add_protocol_args, growth_point, interleave, ratio_row  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -46,16 +45,12 @@ def build_model(grid_patch: int = 4):
 def growth_series(grid_patches, prompts: list[str], sampling, rounds: int) -> dict[str, tuple[list, list, list]]:
     """``plot_growth``'s series of ``generate`` against the image positions (one model per patch size of the
     32 px grid): per side the median seconds of ``rounds`` interleaved rounds and the traced allocator peak."""
-    series = {"KV cache": ([], [], []), "no cache (recompute)": ([], [], [])}
+    series: dict = {}
     for patch in grid_patches:
         model = build_model(patch)
-        fns = {side: lambda c=c: model.generate(prompts, "en", sampling=sampling, use_cache=c)
-               for side, c in zip(series, (True, False))}
-        res = interleave({side: timed(fn) for side, fn in fns.items()}, rounds, warmup=1)
-        for side, fn in fns.items():
-            series[side][0].append(model.num_tokens)
-            series[side][1].append(statistics.median(res[side]))
-            series[side][2].append(traced_peak_mib(fn))
+        growth_point(series, model.num_tokens, {
+            side: lambda c=c: model.generate(prompts, "en", sampling=sampling, use_cache=c)
+            for side, c in (("KV cache", True), ("no cache (recompute)", False))}, rounds)
     return series
 
 
@@ -94,10 +89,8 @@ def main(argv=None) -> int:
     if args.plot_dir:
         patches = (16, 8, 4) if args.quick else (16, 8, 4, 2)
         series = growth_series(patches, prompts, Sampling(temperature=0), args.rounds)
-        path = plot_growth(os.path.join(args.plot_dir, "t2i.png"), f"t2i generate against image positions "
-                           f"(batch {args.batch} fixed), greedy, {args.threads} thread(s)", "image positions", series)
-        if path:
-            report.plots.append(path)
+        report.plot(args.plot_dir, "t2i.png", f"t2i generate against image positions "
+                    f"(batch {args.batch} fixed), greedy, {args.threads} thread(s)", "image positions", series)
     report.finish(args.json)
     return 0
 

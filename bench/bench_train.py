@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import Report, add_protocol_args, interleave, plot_growth, ratio_row  # noqa: E402
+from common import Report, add_protocol_args, interleave, ratio_row  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -273,14 +273,12 @@ def main(argv=None) -> int:
                           res["on"], res["off"], unit="samples/s", higher_is_better=True, setting="ours vs ours",
                           peer_name=f"ours, {name} off", note="median step, pretrain_demo towers"))
     if args.plot_dir:
-        path = growth_plot(args, out, cfg_path, model_cfg)
-        if path:
-            rep.plots.append(path)
+        growth_plot(rep, args, out, cfg_path, model_cfg)
     rep.finish(args.json)
     return 0
 
 
-def growth_plot(args, out: Path, cfg_path: str, model_cfg: dict | None) -> str | None:
+def growth_plot(rep, args, out: Path, cfg_path: str, model_cfg: dict | None) -> None:
     """``train.png``: median step time and the trainer process's peak RSS against the batch size, both programs
     at the equal settings, one run each per size (fewer steps than the rows)."""
     batches = [8, 16, 32] if args.quick else [8, 16, 32, 64]
@@ -297,8 +295,8 @@ def growth_plot(args, out: Path, cfg_path: str, model_cfg: dict | None) -> str |
             series[name][0].append(b)
             series[name][1].append(b / _rate(g, times))
             series[name][2].append(peak)
-    return plot_growth(os.path.join(args.plot_dir, "train.png"), f"pretraining step, {args.model} @ "
-                       f"{args.image_size}px, equal settings (trainer peak RSS)", "batch size", series)
+    rep.plot(args.plot_dir, "train.png", f"pretraining step, {args.model} @ {args.image_size}px, equal settings "
+             "(trainer peak RSS)", "batch size", series)
 
 
 if __name__ == "__main__":

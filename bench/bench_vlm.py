@@ -38,8 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 from torch import nn
 
-from common import (Report, add_protocol_args, interleave, plot_growth, ratio_row, timed,  # noqa: E402
-                    traced_peak_mib)
+from common import Report, add_protocol_args, interleave, ratio_row, timed, traced_peak_mib  # noqa: E402
 
 BENCH_PROTOCOL = 1
 
@@ -154,10 +153,8 @@ def plot_generate(rep, args, theirs, ours, sizes=(4, 8, 16, 32)) -> None:
             series[name][0].append(n)
             series[name][1].append(statistics.median(secs))
             series[name][2].append(traced_peak_mib(fn))
-    path = plot_growth(os.path.join(args.plot_dir, "vlm.png"), f"greedy generate, batch 1, width {args.hidden}, "
-                       "both inference_mode (peak: torch CPU allocator)", "new tokens", series)
-    if path:
-        rep.plots.append(path)
+    rep.plot(args.plot_dir, "vlm.png", f"greedy generate, batch 1, width {args.hidden}, "
+             "both inference_mode (peak: torch CPU allocator)", "new tokens", series)
 
 
 def bench_train(theirs, ours, batch: int, rounds: int) -> tuple[list[float], list[float]]:

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Report, add_protocol_args, in_child, info_row, interleave, plot_growth, ratio_row  # noqa: E402
+from common import Report, add_protocol_args, in_child, info_row, interleave, ratio_row  # noqa: E402
 from vlm.eval.babel import BUNDLED_DIR, load_labels, load_prompts, resolve_langs, templates_for  # noqa: E402
 from vlm.eval.zeroshot import TextEmbeddingCache, embed_images, evaluate_zeroshot, l2norm, make_text_encoder  # noqa: E402
 from vlm.towers.base import ImagePreprocess  # noqa: E402
@@ -221,10 +221,8 @@ def main(argv=None) -> int:
                 series[name][0].append(nt)
                 series[name][1].append(t)
                 series[name][2].append(m)
-        path = plot_growth(os.path.join(args.plot_dir, "zeroshot.png"), "Babel-ImageNet zero-shot (peak RSS)",
-                           "prompt texts", series)
-        if path:
-            rep.plots.append(path)
+        rep.plot(args.plot_dir, "zeroshot.png", "Babel-ImageNet zero-shot (peak RSS)",
+                 "prompt texts", series)
     rep.finish(args.json)
     return 0
 

@@ -197,6 +197,12 @@ class Report:
                   f"{_fmt(r['ratio_max'])}, n={r['n']}) {r.get('note', '')}", flush=True)
         return row
 
+    def plot(self, plot_dir: str, name: str, title: str, xlabel: str, series: dict, logx: bool = True) -> None:
+        """:func:`plot_growth` into ``plot_dir/name``; the PNG joins this report's ``plots``."""
+        path = plot_growth(os.path.join(plot_dir, name), title, xlabel, series, logx)
+        if path:
+            self.plots.append(path)
+
     def finish(self, json_path: str | None) -> dict:
         self.env["load_avg_after"] = list(os.getloadavg())
         out = {"script": self.script, "env": self.env, "rows": self.rows, "plots": self.plots}
@@ -246,8 +252,7 @@ def plot_growth(path: str, title: str, xlabel: str, series: dict[str, tuple[list
         ax.set_yscale("log")
         ax.set_xticks(sizes)  # the measured sizes as plain numbers (log minor labels overlap within a decade)
         ax.xaxis.set_major_formatter(ScalarFormatter())
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -256,6 +261,17 @@ def plot_growth(path: str, title: str, xlabel: str, series: dict[str, tuple[list
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def growth_point(series: dict, size, fns: dict[str, Callable[[], object]], rounds: int) -> None:
+    """One size of a cost-growth plot: the sides' ``fns`` timed in ``rounds`` interleaved rounds after a warm-up;
+    ``size``, each side's median seconds and the traced allocator peak of one call appended to ``series[side]``."""
+    res = interleave({side: timed(fn) for side, fn in fns.items()}, rounds, warmup=1)
+    for side, fn in fns.items():
+        xs, ts, ms = series.setdefault(side, ([], [], []))
+        xs.append(size)
+        ts.append(statistics.median(res[side]))
+        ms.append(traced_peak_mib(fn))
 
 
 def peak_rss_mib() -> float:
