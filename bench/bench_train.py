@@ -13,7 +13,7 @@ drawn at ``--image-size``), with the same per-step batch size, precision, lr sch
 in its own process (no torchrun). Two rows:
 
 * ``equal``: the same optimizer implementation (open_clip_train's ``AdamW`` patched to ``fused=True``, which
-  ours uses), the same image geometry (open_clip_train's train transform replaced by its own evaluation
+  ours uses) and the same gradient clipping (``--grad-clip-norm 1.0``, our ``optim.grad_clip``), the same image geometry (open_clip_train's train transform replaced by its own evaluation
   transform: shortest-side resize + center crop, what our loader does; no random crop on either side), the
   same loader workers (``--workers``) and torch threads (``--threads``, as OMP_NUM_THREADS and
   ``torch.set_num_threads``);
@@ -129,6 +129,7 @@ def run_open_clip(args, shards: str, n_samples: int, logs: Path, cfg_path: str, 
            "--model", args.model, *size,
            "--batch-size", str(args.batch_size), "--precision", precision, "--workers", str(workers),
            "--epochs", "1", "--lr", str(args.lr), "--wd", "0.1", "--warmup", "2", "--seed", "0",
+           *(["--grad-clip-norm", "1.0"] if setting == "equal" else []),  # ours clips at 1.0 (optim.grad_clip)
            "--log-every-n-steps", "1", "--logs", str(logs), "--name", f"oc-{os.getpid()}-{int(time.time())}", "--report-to", "",
            "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
