@@ -127,6 +127,14 @@ def test_corrupt_header_and_sparse_are_errors():
         list(iter_members(io.BytesIO(bytes(sparse))))
 
 
+def test_huge_extended_header_is_refused():
+    info = tarfile.TarInfo("a" * 10)
+    info.type, info.size = tarfile.XHDTYPE, 1 << 30  # claims a 1 GiB pax header
+    data = info.tobuf(tarfile.USTAR_FORMAT)
+    with pytest.raises(TarCorrupt, match="extended header"):
+        list(iter_members(io.BytesIO(data + b"\x00" * 4096)))
+
+
 def test_member_is_read_once():
     m = next(iter_members(io.BytesIO(_tar(extra=False))))
     m.read()

@@ -11,7 +11,8 @@ bytes, as ``tarfile.open(mode="r|*")``) -- and reports everything else as an err
 
 * :class:`TarTruncated`: the data ends inside a header or a member, or without the end-of-archive block (a cut
   exactly at a member boundary, which ``tarfile`` takes for a normal end, is a truncation here);
-* :class:`TarCorrupt`: a header whose checksum does not match, a malformed pax record, a GNU sparse member.
+* :class:`TarCorrupt`: a header whose checksum does not match, a malformed pax record, a pax record or GNU long
+  name over :data:`MAX_META_BYTES` (they are read into memory), a GNU sparse member.
 
 Members are never written anywhere; names are only split into key and extension by the caller.
 """
@@ -26,6 +27,7 @@ from typing import IO, Iterator
 
 BLOCK = 512
 REGULAR = frozenset(b"07\x00")  # regular file, contiguous file, old-style regular file
+MAX_META_BYTES = 1 << 20  # pax records and GNU long names are read into memory; real ones are a few hundred bytes
 _CHK_SIGNED = struct.Struct("148b8x356b")
 
 
@@ -180,6 +182,8 @@ def iter_members(fileobj: IO[bytes]) -> Iterator[TarMember]:
         size = _number(hdr[124:136])
         padded = size + (-size % BLOCK)
         if kind in (0x78, 0x67, 0x4C):  # pax per-file 'x', pax global 'g', GNU long name 'L'
+            if size > MAX_META_BYTES:  # read whole into memory: a header claiming gigabytes is not one
+                raise TarCorrupt(f"a {size}-byte extended header")
             data = f.read(padded)[:size]
             if kind == 0x4C:
                 long_name = data.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
