@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default="equal,defaults")
     p.add_argument("--ablations", default="sparse,channels_last",
                    help=f"rows of ours with one switch on vs off ({', '.join(ABLATIONS)}; '' = none)")
-    p.add_argument("--out", default=None, help="work directory (default: a temp dir)")
+    p.add_argument("--out", default=None, help="work directory, kept (default: a temp dir, removed at the end)")
     add_protocol_args(p)
     args = p.parse_args(argv)
     if args.quick:
@@ -243,7 +243,14 @@ def main(argv=None) -> int:
         if args.ablations == "sparse,channels_last":  # channels_last measured 0.41x: its row is in the full run
             args.ablations = "sparse"
 
-    out = Path(args.out or tempfile.mkdtemp(prefix="bench_train_"))
+    if args.out:
+        return run(args, Path(args.out))
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as work:  # shards, runs, checkpoints: ~2 GB
+        return run(args, Path(work))
+
+
+def run(args, out: Path) -> int:
+    """Every row (and the plot) with ``out`` as the work directory."""
     out.mkdir(parents=True, exist_ok=True)
     total = args.steps + args.skip
     n_samples = total * args.batch_size
