@@ -96,3 +96,11 @@ def test_header_path_keeps_the_limits_and_skip_reasons():
         assert x.shape == (3, 16, 16)
     except D.SampleSkipped as e:
         assert e.reason in ("corrupt_image", "truncated_image")
+
+
+def test_a_failed_fast_decode_is_not_retried(monkeypatch):
+    data = _jpeg(40, 52)
+    calls = []
+    monkeypatch.setattr(D, "_fast_jpeg", lambda d: calls.append(1))  # the fast decoder fails (returns None)
+    x = D.decode_image(data, 24)
+    assert x.shape == (3, 24, 24) and len(calls) == 1  # PIL decoded it; no second try of the failed path

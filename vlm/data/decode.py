@@ -264,7 +264,7 @@ def decode_image(data: bytes, size: int, *, resize_mode: str = "shortest", inter
         if jpeg_draft and im.format == "JPEG" and min(w, h) >= 2 * size and m >= 2 * size:
             # libjpeg DCT scaling: the smallest scale keeping both sides >= the needed size
             im.draft("RGB", (-(-w * size // m), -(-h * size // m)))
-        elif im.format == "JPEG" and im.mode == "RGB":
+        elif im.format == "JPEG" and im.mode == "RGB" and head is None:  # else tried above: PIL judges it
             x = _fast_jpeg(data)
             if x is not None:
                 return _resize_crop(x, size, resize_mode, interpolation, crop_pct)
