@@ -82,6 +82,7 @@ BUILD = {  # kind -> registered key -> {case id: recipe}
         "mlp:": {"mlp:4x_silu": {}},
         "moe:": {"moe:e2": {}, "moe:e2-top2": {}},  # top-1 of 2 images may leave an expert unused
         "qformer:": {"qformer:q4-l2-h32-a4": {"hidden_dropout_prob": 0.0}},
+        "vocab": {"vocab": {"labels": ["cat", "dog", "red apple"], "tokens": "both"}},
     },
     "llm": {"tiny:": {f: {} for f in ("llama", "qwen2", "gemma", "bloom", "mt5")}, "hf:": {"llama-dir": {}}},
     "adapter": {"lora": {"lora": {"r": 4}}, "lora:": {"lora:r4-a8": {}},

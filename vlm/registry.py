@@ -59,7 +59,7 @@ KINDS = ("tower", "projector", "llm", "adapter")
 _FAMILY_MODULES = {
     "tower": ["vlm.towers.tiny", "vlm.towers.ngram", "vlm.towers.open_clip", "vlm.towers.timm", "vlm.towers.hf",
               "vlm.towers.saved", "vlm.towers.dualtoken"],
-    "projector": ["vlm.projectors.mlp", "vlm.projectors.qformer", "vlm.projectors.moe"],
+    "projector": ["vlm.projectors.mlp", "vlm.projectors.qformer", "vlm.projectors.moe", "vlm.projectors.vocab"],
     "llm": ["vlm.llms.tiny", "vlm.llms.hf"],
     "adapter": ["vlm.adapters.lora", "vlm.adapters.soft_prompt"],
 }

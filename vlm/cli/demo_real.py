@@ -20,7 +20,7 @@ Stages (reports as JSON + Markdown + PNG in ``OUT/report``, ``OUT`` = ``--out``,
    same run on random-init towers (``real-lit-english``, ``real-zeroshot``).
 2. **Multilingual training**: the same with captions in all languages (decoupled softmax over an image's
    captions in several languages); per-language gain over English only (``real-lit-multilingual``).
-3. **A real vision-LLM** (:mod:`vlm.cli.demo_real_vlm`): EfficientNet-Lite0 -> MLP -> SmolLM2-135M with LoRA
+3. **A real vision-LLM** (:mod:`vlm.cli.demo_real_vlm`): EfficientNet-Lite0 -> ``vocab`` projector -> SmolLM2-135M + LoRA
    on the English captions; chrF / CIDEr-D on held-out stamps against an image-blind baseline, a handful of
    captions printed (``real-vlm-vs-blind``).
 

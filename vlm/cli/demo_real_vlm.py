@@ -1,13 +1,15 @@
-"""Stage 3 of ``vlm demo --real``: a real vision-LLM, EfficientNet-Lite0 -> MLP -> SmolLM2-135M with LoRA.
+"""Stage 3 of ``vlm demo --real``: a real vision-LLM, EfficientNet-Lite0 -> ``vocab`` projector -> SmolLM2-135M + LoRA.
 
-``train/configs/real_vlm.yaml`` through the same ``train.finetune.run`` as ``vlm train`` (frozen converted
-EfficientNet-Lite0 at 96 px, ``mlp2x_gelu`` projector with ``ln_vision``, SmolLM2-135M-Instruct loaded
-through ``hf:`` from the directory the set-up script converted from its GGUF file, LoRA on every attention
-and MLP projection), on the English captions of the Tux Paint training stamps. The baseline is the same
-model, steps and data with ``image_blind: true`` (grey images in training and at test time): it learns how
-Tux Paint descriptions are phrased but not what is drawn. Both caption the held-out stamps
-(:func:`vlm.eval.caption.evaluate_captions`, chrF and CIDEr-D), ``vlm caption`` captions three of them
-from the command line, and the report lists a handful of captions beside their references.
+``train/configs/real_vlm.yaml`` through the same ``train.finetune.run`` as ``vlm train``: the converted
+EfficientNet-Lite0, frozen, at 224 px with its ImageNet classifier; the ``vocab`` projector
+(:mod:`vlm.projectors.vocab`: the tower's classifier, softmax, then a table started from SmolLM2's word
+embeddings of the 1000 ImageNet class names); SmolLM2-135M-Instruct loaded through ``hf:`` from the
+directory the set-up script converted from its GGUF file, prompted in its own chat format, with LoRA on
+every attention and MLP projection; trained on the English captions of the Tux Paint training stamps. The
+baseline is the same model, steps and data with ``image_blind: true`` (grey images in training and at test
+time): it learns how Tux Paint descriptions are phrased but not what is drawn. Both caption every held-out
+stamp (:func:`vlm.eval.caption.evaluate_captions`, chrF and CIDEr-D), ``vlm caption`` captions three of
+them from the command line, and the report lists a handful of captions beside their references.
 """
 from __future__ import annotations
 
@@ -47,10 +49,13 @@ def _train(assets, data, run_dir: Path, *, blind: bool, quick: bool, steps: int 
     return summary
 
 
-def _examples(rows_img: list[dict], rows_blind: list[dict], k: int = 6) -> list[dict]:
+def _examples(rows_img: list[dict], rows_blind: list[dict], k: int = 10) -> list[dict]:
+    """``k`` rows evenly spaced over the held-out stamps (the shard holds them folder by folder, so the first
+    rows would all be birds), each with the blind model's caption of the same stamp."""
     blind = {r["id"]: r["prediction"] for r in rows_blind}  # eval.caption rows: id, lang, prediction, references
+    picked = [rows_img[i * len(rows_img) // k] for i in range(min(k, len(rows_img)))]
     return [{"id": r["id"], "reference": r["references"][0], "caption": r["prediction"],
-             "blind": blind.get(r["id"], "")} for r in rows_img[:k]]
+             "blind": blind.get(r["id"], "")} for r in picked]
 
 
 def run_vlm(assets, data, out: Path, *, quick: bool, steps: int | None, workers: int, no_progress: bool,
@@ -64,15 +69,15 @@ def run_vlm(assets, data, out: Path, *, quick: bool, steps: int | None, workers:
 
     t0 = time.time()
     kw = dict(quick=quick, steps=steps, workers=workers, no_progress=no_progress, fresh=fresh)
-    log(f"[3/3 a] fine-tuning EfficientNet-Lite0 -> mlp2x_gelu -> SmolLM2-135M (LoRA) on English captions -> "
+    log(f"[3/3 a] fine-tuning EfficientNet-Lite0 -> vocab projector -> SmolLM2-135M (LoRA) on English captions -> "
         f"{out / 'vlm_run'}")
     s_img = _train(assets, data, out / "vlm_run", blind=False, **kw)
     log(f"[3/3 b] image-blind baseline (grey images, same steps) -> {out / 'vlm_blind_run'}")
     s_blind = _train(assets, data, out / "vlm_blind_run", blind=True, **kw)
-    limit = limit or (4 if quick else 40)
+    limit = limit or (4 if quick else None)  # None: every held-out stamp
     report_dir = out / "report"
-    log(f"[3/3 c] captioning {limit} held-out stamps with each model -> {report_dir}")
-    gen = dict(langs=["en"], limit=limit, batch_size=min(limit, 16), max_new_tokens=8 if quick else 20,
+    log(f"[3/3 c] captioning {limit or 'all'} held-out stamps with each model -> {report_dir}")
+    gen = dict(langs=["en"], limit=limit, batch_size=min(limit or 16, 16), max_new_tokens=8 if quick else 20,
                progress=False)
     res = {}
     with torch.inference_mode():
@@ -87,7 +92,7 @@ def run_vlm(assets, data, out: Path, *, quick: bool, steps: int | None, workers:
             "examples": _examples(res["real-vlm-caption"]["rows"], res["real-vlm-caption-blind"]["rows"]),
             "cli_captions": cli, "model_dir": s_img["final_dir"], "blind_model_dir": s_blind["final_dir"],
             "train": {"image": {k: s_img.get(k) for k in keep}, "blind": {k: s_blind.get(k) for k in keep}},
-            "images": limit, "seconds": round(time.time() - t0, 1)}
+            "images": res["real-vlm-caption"]["results"]["summary"]["n_total"], "seconds": round(time.time() - t0, 1)}
 
 
 def _cli_captions(data, out: Path, model_dir: str, n: int) -> list[dict]:

@@ -81,6 +81,8 @@ class VisionLLM(nn.Module):
         if projector is None:
             projector = registry.build("projector", config.projector, in_dim=self.tower.width,
                                        out_dim=self.llm.hidden_size, **config.projector_cfg)
+            if hasattr(projector, "init_from_parts"):  # a projector started from the tower's and LLM's weights
+                projector.init_from_parts(tower=self.tower, llm=self.llm)
         self.projector = projector
         m = projector.num_output_tokens(self.tower.num_tokens) if hasattr(projector, "num_output_tokens") else None
         if config.num_image_tokens is not None and m is not None and m != config.num_image_tokens:
