@@ -95,7 +95,7 @@ def test_a_tower_without_its_head_is_a_one_line_error():
     assert model.num_image_tokens == 1
 
 
-def test_trains_saves_and_loads(tmp_path):
+def test_trains_saves_and_loads(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = VisionLLM(_config(tokens="both"))
     before = model.projector.table.detach().clone()
@@ -109,6 +109,9 @@ def test_trains_saves_and_loads(tmp_path):
     assert not torch.equal(before, model.projector.table)
     model.eval()
     model.save_pretrained(tmp_path / "m")
+    def no_init(*a, **k):
+        raise AssertionError("from_pretrained loads the saved projector; it must not initialise it first")
+    monkeypatch.setattr(VocabProjector, "init_from_parts", no_init)
     again = VisionLLM.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         a, _ = model.encode_images(batch["pixels"])

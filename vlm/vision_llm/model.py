@@ -68,6 +68,17 @@ class VisionLLMConfig(tr.TrainableConfig):
 
 
 
+def build_projector(config: VisionLLMConfig, tower: nn.Module, llm: LanguageModel, *, init: bool = True) -> nn.Module:
+    """The projector ``config`` names, for ``tower`` and ``llm``. ``init``: a projector that starts from the
+    tower's and the LLM's weights (``init_from_parts``, e.g. ``vocab``) gets them; a saved model's loader
+    passes False, since the saved weights replace them."""
+    projector = registry.build("projector", config.projector, in_dim=tower.width, out_dim=llm.hidden_size,
+                               **config.projector_cfg)
+    if init and hasattr(projector, "init_from_parts"):
+        projector.init_from_parts(tower=tower, llm=llm)
+    return projector
+
+
 class VisionLLM(nn.Module):
     """tower -> projector -> LLM. See the module docstring. Parts may be passed in (else built from config)."""
 
@@ -79,10 +90,7 @@ class VisionLLM(nn.Module):
         self.tower = tower if tower is not None else registry.build("tower", config.tower, **config.tower_cfg)
         self.llm = llm if llm is not None else registry.build("llm", config.llm, **config.llm_cfg)
         if projector is None:
-            projector = registry.build("projector", config.projector, in_dim=self.tower.width,
-                                       out_dim=self.llm.hidden_size, **config.projector_cfg)
-            if hasattr(projector, "init_from_parts"):  # a projector started from the tower's and LLM's weights
-                projector.init_from_parts(tower=self.tower, llm=self.llm)
+            projector = build_projector(config, self.tower, self.llm)
         self.projector = projector
         m = projector.num_output_tokens(self.tower.num_tokens) if hasattr(projector, "num_output_tokens") else None
         if config.num_image_tokens is not None and m is not None and m != config.num_image_tokens:

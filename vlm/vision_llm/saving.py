@@ -91,7 +91,7 @@ def load_vision_llm(model_cls, path, *, dtype: str | None = None, trainable: boo
     """``model_cls.from_pretrained(path)``: see the module docstring."""
     from safetensors.torch import load_model
 
-    from vlm.vision_llm.model import VisionLLMConfig
+    from vlm.vision_llm.model import VisionLLMConfig, build_projector
 
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
@@ -124,7 +124,8 @@ def load_vision_llm(model_cls, path, *, dtype: str | None = None, trainable: boo
     mode = config.mode("llm")
     adapted = mode not in ("frozen", "full")
     config.trainable = {**config.trainable, "llm": "frozen" if adapted else mode}
-    model = model_cls(config, tower=tower, llm=llm)  # LLM adapters are loaded below, not created fresh
+    projector = build_projector(config, tower, llm, init=False)  # its weights are loaded below
+    model = model_cls(config, tower=tower, llm=llm, projector=projector)  # LLM adapters too, not created fresh
     zero_lora(model.tower)  # a LoRA tower: the merged weights are its base, its LoRA restarts at B = 0
     load_model(model.projector, str(p / "projector.safetensors"))
     if adapted:
